@@ -1,0 +1,630 @@
+"""Configuration: the schema with its defaults (the only place defaults live), loading and validation.
+
+The YAML file mirrors SPEC §2. Every section is a frozen dataclass below; a field's YAML key is its
+name unless ``metadata["key"]`` says otherwise. Values may contain ``${VAR:default}``
+placeholders, resolved from the environment before type checking. Unknown keys are errors naming
+the key path and the nearest known key; the process must not start on any error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found; ``problems`` lists them one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+def _key(name: str) -> dict[str, str]:
+    return {"key": name}
+
+
+def _secret() -> dict[str, bool]:
+    return {"secret": True}
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    port: int = 2525
+    bindAddress: str = "0.0.0.0"
+    serviceName: str = "ESMTP"
+    implicitTls: bool = False
+    enableStartTls: bool = True
+    enableAuth: bool = True
+    requireAuthForMail: bool = False
+    idleTimeoutSeconds: int = 300
+    proxyProtocol: bool = False
+    allowPlaintextAuth: bool = False
+    pregreetCheck: bool | None = None  # None = on for port 25 only
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    localDomain: str = "localhost"
+    localDomains: list[str] = field(default_factory=list)
+
+    def all_local_domains(self) -> frozenset[str]:
+        return frozenset(d.lower().rstrip(".") for d in [self.localDomain, *self.localDomains] if d)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    mailboxDir: str = "./data/mailboxes"
+    tempDir: str = "./data/temp"
+    listsDir: str = "./data/lists"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    maxMessageSizeBytes: int = 26214400
+    maxRecipients: int = 100
+    maxCommandLineLength: int = 512
+
+
+@dataclass(frozen=True)
+class SslConfig:
+    enabled: bool = False
+    certChainFile: str = ""
+    privateKeyFile: str = ""
+    minTlsVersion: str = "TLSv1.2"
+    handshakeTimeoutMs: int = 30000
+    cipherSuites: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RedisSpoolConfig:
+    keyPrefix: str = "kotlin-smtp:spool"
+    maxRawBytes: int = 26214400
+    lockTtlSeconds: int = 900
+    minReplicas: int = 0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    type: str = "auto"
+    dir: str = "./data/spool"
+    maxRetries: int = 5
+    retryDelaySeconds: int = 60
+    workerConcurrency: int = 1
+    triggerCooldownMillis: int = 1000
+    redis: RedisSpoolConfig = field(default_factory=RedisSpoolConfig)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    sentinels: list[str] = field(default_factory=list)
+    masterName: str = ""
+    password: str = field(default="", metadata=_secret())
+    connectTimeoutMs: int = 5000
+    commandTimeoutMs: int = 5000
+
+
+@dataclass(frozen=True)
+class SentArchiveConfig:
+    mode: str = "TRUSTED_SUBMISSION"
+
+
+@dataclass(frozen=True)
+class AuthRedisConfig:
+    keyPrefix: str = "kotlin-smtp:auth-ratelimit"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = True
+    required: bool = False
+    allowPlaintextPasswords: bool = True
+    users: dict[str, str] = field(default_factory=dict, metadata=_secret())
+    rateLimitEnabled: bool = True
+    rateLimitBackend: str = "local"
+    rateLimitMaxFailures: int = 5
+    rateLimitWindowSeconds: int = 300
+    rateLimitLockoutSeconds: int = 600
+    rateLimitRedis: AuthRedisConfig = field(default_factory=AuthRedisConfig)
+
+
+@dataclass(frozen=True)
+class RateLimitRedisConfig:
+    keyPrefix: str = "kotlin-smtp:conn-ratelimit"
+    connectionCounterTtlSeconds: int = 900
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    backend: str = "local"
+    maxConnectionsPerIp: int = 10
+    maxMessagesPerIpPerHour: int = 100
+    redis: RateLimitRedisConfig = field(default_factory=RateLimitRedisConfig)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    vrfyEnabled: bool = False
+    expnEnabled: bool = False
+    etrnEnabled: bool = False
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    trustedCidrs: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    gracefulShutdownTimeoutMs: int = 30000
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    servers: list[str] = field(default_factory=list)  # empty = /etc/resolv.conf
+    timeoutMs: int = 5000
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    domain: str = "*"
+    host: str = ""
+    port: int = 25
+    username: str = ""
+    password: str = field(default="", metadata=_secret())
+    startTlsEnabled: bool | None = None
+    startTlsRequired: bool | None = None
+    checkServerIdentity: bool | None = None
+    trustAll: bool | None = None
+    trustHosts: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class OutboundTlsConfig:
+    ports: list[int] = field(default_factory=lambda: [25])
+    startTlsEnabled: bool = True
+    startTlsRequired: bool = False
+    checkServerIdentity: bool = True
+    trustAll: bool = False
+    failOnTrustAll: bool = False
+    trustHosts: list[str] = field(default_factory=list)
+    connectTimeoutMs: int = 15000
+    readTimeoutMs: int = 15000
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = False
+    connectTimeoutMs: int = 3000
+    readTimeoutMs: int = 5000
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class OutboundPolicyConfig:
+    mtaSts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    enabled: bool = False
+    requireAuthForRelay: bool = True
+    failOnOpenRelay: bool = False
+    allowedSenderDomains: list[str] = field(default_factory=list)
+    allowedClientCidrs: list[str] = field(default_factory=list)
+    defaultRoute: RouteConfig | None = None
+    routes: list[RouteConfig] = field(default_factory=list)
+    outboundTls: OutboundTlsConfig = field(default_factory=OutboundTlsConfig)
+    outboundPolicy: OutboundPolicyConfig = field(default_factory=OutboundPolicyConfig)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    port: int = 2525
+    hostname: str = "localhost"
+    serviceName: str = "ESMTP"
+    listeners: list[ListenerConfig] = field(default_factory=list)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ssl: SslConfig = field(default_factory=SslConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    redis: RedisConfig | None = None
+    sentArchive: SentArchiveConfig = field(default_factory=SentArchiveConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    rateLimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+
+    def effective_listeners(self) -> list[ListenerConfig]:
+        if self.listeners:
+            return list(self.listeners)
+        return [ListenerConfig(port=self.port, serviceName=self.serviceName)]
+
+
+@dataclass(frozen=True)
+class ManagementServerConfig:
+    port: int = 8081
+    bindAddress: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ExposureConfig:
+    include: list[str] = field(default_factory=lambda: ["health", "info", "metrics", "prometheus"])
+
+
+@dataclass(frozen=True)
+class WebEndpointsConfig:
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)
+
+
+@dataclass(frozen=True)
+class EndpointsConfig:
+    web: WebEndpointsConfig = field(default_factory=WebEndpointsConfig)
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    enabled: bool = True
+    add_additional_paths: bool = field(default=True, metadata=_key("add-additional-paths"))
+
+
+@dataclass(frozen=True)
+class HealthEndpointConfig:
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    health: HealthEndpointConfig = field(default_factory=HealthEndpointConfig)
+
+
+@dataclass(frozen=True)
+class ManagementConfig:
+    enabled: bool = True
+    server: ManagementServerConfig = field(default_factory=ManagementServerConfig)
+    endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"
+    level: str = "info"
+    file: str = "stdout"
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    management: ManagementConfig = field(default_factory=ManagementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^}]*))?\}")
+T = TypeVar("T")
+
+
+def yaml_key(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("key", f.name))
+
+
+def _resolve_placeholders(value: Any, path: str, problems: list[str],
+                          env: typing.Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is None:
+                problems.append(f"{path}: environment variable {name} is not set and has no default")
+                return ""
+            return default
+        return _PLACEHOLDER.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _resolve_placeholders(v, f"{path}.{k}" if path else str(k), problems, env)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_placeholders(v, f"{path}[{i}]", problems, env) for i, v in enumerate(value)]
+    return value
+
+
+def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path, problems)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)  # type: ignore[arg-type]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and not dataclasses.is_dataclass(item_tp):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return []
+        return [_coerce(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        problems.append(f"{path}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return 0
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return 0
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            problems.append(f"{path}: expected a string, got {type(value).__name__}")
+            return ""
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or '<root>'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        sub = f"{path}.{key}" if path else key
+        if key not in fields:
+            # Spring-style dotted keys ("endpoints.web.exposure.include") expand into nesting.
+            head, _, rest = key.partition(".")
+            if rest and head in fields:
+                merged = dict(data.get(head) or {})
+                merged[rest] = value
+                data = {**data, head: merged}
+                kwargs[fields[head].name] = _coerce(hints[fields[head].name], merged,
+                                                    f"{path}.{head}" if path else head, problems)
+                continue
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            problems.append(f"{sub}: unknown key{hint}")
+            continue
+        f = fields[key]
+        kwargs[f.name] = _coerce(hints[f.name], value, sub, problems)
+    return cls(**kwargs)
+
+
+def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Parse YAML text into a validated :class:`Config` or raise :class:`ConfigError`."""
+    problems: list[str] = []
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"YAML syntax error: {exc}"]) from None
+    raw = _resolve_placeholders(raw, "", problems, os.environ if env is None else env)
+    config = _build(Config, raw, "", problems)
+    if not problems:
+        problems.extend(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(path: str, env: typing.Mapping[str, str] | None = None) -> Config:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
+    return load_text(text, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _writable_dir(path: str, key: str, problems: list[str]) -> None:
+    if not path:
+        problems.append(f"{key}: must be set")
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        problems.append(f"{key}: cannot create directory {path}: {exc.strerror}")
+        return
+    if not os.access(path, os.W_OK | os.X_OK):
+        problems.append(f"{key}: directory {path} is not writable")
+
+
+def _check_port(port: int, key: str, problems: list[str]) -> None:
+    if not 0 <= port <= 65535:
+        problems.append(f"{key}: port {port} is outside 0..65535")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str, problems: list[str]) -> None:
+    if value not in choices:
+        problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def is_bcrypt_hash(value: str) -> bool:
+    return bool(re.match(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$", value))
+
+
+def validate(config: Config) -> list[str]:
+    """Semantic checks; returns the problems found (empty when the config can start)."""
+    p: list[str] = []
+    s = config.smtp
+    _check_port(s.port, "smtp.port", p)
+    for i, lst in enumerate(s.listeners):
+        _check_port(lst.port, f"smtp.listeners[{i}].port", p)
+        if lst.idleTimeoutSeconds < 0:
+            p.append(f"smtp.listeners[{i}].idleTimeoutSeconds: must be >= 0")
+        if lst.implicitTls and not s.ssl.enabled:
+            p.append(f"smtp.listeners[{i}].implicitTls: requires smtp.ssl.enabled=true")
+    _check_port(config.management.server.port, "management.server.port", p)
+    if not s.hostname:
+        p.append("smtp.hostname: must be set")
+    _writable_dir(s.storage.mailboxDir, "smtp.storage.mailboxDir", p)
+    _writable_dir(s.storage.tempDir, "smtp.storage.tempDir", p)
+    _writable_dir(s.storage.listsDir, "smtp.storage.listsDir", p)
+    _check_choice(s.spool.type, ("auto", "file", "redis"), "smtp.spool.type", p)
+    if spool_backend(config) == "file":
+        _writable_dir(s.spool.dir, "smtp.spool.dir", p)
+    if s.spool.type == "redis" and s.redis is None:
+        p.append("smtp.spool.type: 'redis' requires an smtp.redis section")
+    for key, value in (("smtp.limits.maxMessageSizeBytes", s.limits.maxMessageSizeBytes),
+                       ("smtp.limits.maxRecipients", s.limits.maxRecipients),
+                       ("smtp.spool.workerConcurrency", s.spool.workerConcurrency),
+                       ("smtp.spool.retryDelaySeconds", s.spool.retryDelaySeconds)):
+        if value <= 0:
+            p.append(f"{key}: must be positive, got {value}")
+    if s.limits.maxCommandLineLength < 512:
+        p.append("smtp.limits.maxCommandLineLength: must be at least 512 (RFC 5321 §4.5.3.1.4)")
+    if s.spool.maxRetries < 0:
+        p.append("smtp.spool.maxRetries: must be >= 0")
+    _check_choice(s.ssl.minTlsVersion, ("TLSv1.2", "TLSv1.3"), "smtp.ssl.minTlsVersion", p)
+    if s.ssl.enabled:
+        for key, path in (("smtp.ssl.certChainFile", s.ssl.certChainFile),
+                          ("smtp.ssl.privateKeyFile", s.ssl.privateKeyFile)):
+            if not path or not os.access(path, os.R_OK):
+                p.append(f"{key}: file {path!r} is missing or not readable")
+    _check_choice(s.sentArchive.mode, ("TRUSTED_SUBMISSION", "AUTHENTICATED_ONLY", "DISABLED"),
+                  "smtp.sentArchive.mode", p)
+    _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
+    _check_choice(s.rateLimit.backend, ("local", "redis"), "smtp.rateLimit.backend", p)
+    if not s.auth.allowPlaintextPasswords:
+        plain = sorted(u for u, v in s.auth.users.items() if not is_bcrypt_hash(v))
+        if plain:
+            p.append("smtp.auth.users: plaintext passwords are not allowed "
+                     f"(allowPlaintextPasswords=false) for: {', '.join(plain)}")
+    for i, cidr in enumerate(s.proxy.trustedCidrs):
+        _check_cidr(cidr, f"smtp.proxy.trustedCidrs[{i}]", p)
+    for i, cidr in enumerate(s.relay.allowedClientCidrs):
+        _check_cidr(cidr, f"smtp.relay.allowedClientCidrs[{i}]", p)
+    if s.relay.enabled and s.relay.failOnOpenRelay and relay_is_open(config):
+        p.append("smtp.relay: relay is open to anyone (requireAuthForRelay=false and no "
+                 "allowedClientCidrs/allowedSenderDomains) and failOnOpenRelay=true")
+    tls = s.relay.outboundTls
+    if tls.failOnTrustAll and (tls.trustAll or any(
+            r.trustAll for r in [*s.relay.routes, *([s.relay.defaultRoute] if s.relay.defaultRoute
+                                                   else [])])):
+        p.append("smtp.relay.outboundTls.trustAll: trustAll is set but failOnTrustAll=true")
+    _check_choice(config.logging.format, ("text", "json"), "logging.format", p)
+    _check_choice(config.logging.level.lower(), ("debug", "info", "warn", "warning", "error"),
+                  "logging.level", p)
+    return p
+
+
+def _check_cidr(cidr: str, key: str, problems: list[str]) -> None:
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        problems.append(f"{key}: {cidr!r} is not a valid CIDR")
+
+
+def relay_is_open(config: Config) -> bool:
+    r = config.smtp.relay
+    return r.enabled and not r.requireAuthForRelay and not r.allowedClientCidrs \
+        and not r.allowedSenderDomains
+
+
+def spool_backend(config: Config) -> str:
+    """The spool type after resolving ``auto``: redis when smtp.redis is configured."""
+    t = config.smtp.spool.type
+    if t == "auto":
+        return "redis" if config.smtp.redis is not None else "file"
+    return t
+
+
+def warnings(config: Config) -> list[str]:
+    """Risky but legal settings, printed at start-up and by ``check-config``."""
+    w: list[str] = []
+    s = config.smtp
+    if relay_is_open(config):
+        w.append("relay is open: unauthenticated clients may relay to any domain")
+    if s.relay.outboundTls.trustAll:
+        w.append("smtp.relay.outboundTls.trustAll=true: outbound TLS certificates are not verified")
+    plain = [u for u, v in s.auth.users.items() if not is_bcrypt_hash(v)]
+    if plain:
+        w.append(f"smtp.auth.users: plaintext passwords for {len(plain)} user(s); use "
+                 "`kotlin-smtp hash-password`")
+    for flag in ("vrfyEnabled", "expnEnabled", "etrnEnabled"):
+        if getattr(s.features, flag):
+            w.append(f"smtp.features.{flag}=true")
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective config (for logs and check-config)
+
+
+def to_plain(obj: Any, mask: bool = True) -> Any:
+    """The config as plain data with YAML key names; secrets masked."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if mask and f.metadata.get("secret") and value:
+                value = ({k: "******" for k in value} if isinstance(value, dict) else "******")
+            out[yaml_key(f)] = to_plain(value, mask)
+        return out
+    if isinstance(obj, list):
+        return [to_plain(v, mask) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v, mask) for k, v in obj.items()}
+    return obj
+
+
+def dump_effective(config: Config) -> str:
+    return yaml.safe_dump(to_plain(config), sort_keys=False, default_flow_style=False)
+
+
+def schema_keys(cls: type[Any] = Config, prefix: str = "") -> list[str]:
+    """Every leaf key path of the schema (``smtp.limits.maxRecipients``, ``smtp.listeners[].port``)."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{yaml_key(f)}" if prefix else yaml_key(f)
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(schema_keys(tp, path))  # type: ignore[arg-type]
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            keys.extend(schema_keys(typing.get_args(tp)[0], path + "[]"))
+        else:
+            keys.append(path)
+    return keys

@@ -1,0 +1,75 @@
+"""Queue entries: the spool's unit of work, as immutable values shared by every spool backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kotlin_smtp_py.envelope import Envelope, Recipient
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A queued message: its envelope, the recipients still to deliver, and the retry state.
+
+    ``pending`` shrinks as recipients are delivered or bounced; the entry is complete when it is
+    empty. ``attempts`` counts delivery runs that ended with at least one transient failure.
+    ``delayed_notified`` remembers recipients that already got a NOTIFY=DELAY notice.
+    """
+
+    queue_id: str
+    envelope: Envelope
+    pending: tuple[Recipient, ...]
+    attempts: int = 0
+    next_attempt: float = field(default_factory=time.time)
+    created: float = field(default_factory=time.time)
+    last_error: str | None = None
+    delayed_notified: tuple[str, ...] = ()
+
+    def to_json_bytes(self) -> bytes:
+        data: dict[str, Any] = {
+            "version": 1, "queue_id": self.queue_id, "envelope": self.envelope.to_json(),
+            "pending": [r.to_json() for r in self.pending], "attempts": self.attempts,
+            "next_attempt": self.next_attempt, "created": self.created,
+            "last_error": self.last_error, "delayed_notified": list(self.delayed_notified),
+        }
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes) -> QueueEntry:
+        data = json.loads(raw.decode("utf-8"))
+        return cls(
+            queue_id=str(data["queue_id"]), envelope=Envelope.from_json(data["envelope"]),
+            pending=tuple(Recipient.from_json(r) for r in data["pending"]),
+            attempts=int(data["attempts"]), next_attempt=float(data["next_attempt"]),
+            created=float(data["created"]), last_error=data.get("last_error"),
+            delayed_notified=tuple(data.get("delayed_notified") or ()),
+        )
+
+    def evolve(self, **changes: Any) -> QueueEntry:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Proof that this process holds the lease on an entry; backends check ``token``."""
+
+    entry: QueueEntry
+    token: str
+    message_path: str  # a local file with the raw message, valid until the claim ends
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """One line of ``kotlin-smtp queue list``."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    size: int
+    attempts: int
+    next_attempt: float
+    created: float
+    last_error: str | None

@@ -1,0 +1,191 @@
+"""Shared test machinery: a reactor in a background thread, certificates, free ports, Redis.
+
+Tests talk to servers over real loopback sockets with blocking clients (smtplib, raw sockets)
+while Twisted runs in its own thread; ``on_reactor`` runs a function (or coroutine function) in
+the reactor thread and waits for its result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+_reactor_thread: threading.Thread | None = None
+
+
+def start_reactor() -> None:
+    global _reactor_thread
+    if _reactor_thread is not None:
+        return
+    from twisted.internet import reactor
+
+    _reactor_thread = threading.Thread(
+        target=lambda: reactor.run(installSignalHandlers=False),  # type: ignore[attr-defined]
+        name="reactor", daemon=True)
+    _reactor_thread.start()
+    deadline = time.monotonic() + 10
+    while not reactor.running and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)
+
+
+def on_reactor(fn: Callable[..., Any], *args: Any, timeout: float = 30, **kwargs: Any) -> Any:
+    """Run ``fn`` in the reactor thread; coroutine results are awaited via Deferred."""
+    import inspect
+
+    from twisted.internet import defer, reactor, threads
+
+    start_reactor()
+
+    def call() -> Any:
+        result = fn(*args, **kwargs)
+        if inspect.iscoroutine(result):
+            return defer.Deferred.fromCoroutine(result)
+        return result
+
+    def with_timeout() -> Any:
+        d = defer.maybeDeferred(call)
+        d.addTimeout(timeout, reactor)
+        return d
+
+    return threads.blockingCallFromThread(reactor, with_timeout)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CertSet:
+    ca_cert: Path
+    cert: Path  # chain: leaf + CA
+    key: Path
+    wrong_cert: Path  # valid chain, but for a different host name
+    wrong_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_certs(directory: Path, hostnames: tuple[str, ...] = ("localhost", "mx.test")) -> CertSet:
+    """A private CA and server certificates for ``hostnames`` (+127.0.0.1, ::1), made now."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("kotlin-smtp-py test CA"))
+          .issuer_name(_name("kotlin-smtp-py test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(names: tuple[str, ...]) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                 x509.IPAddress(ipaddress.ip_address("::1"))]
+        cert = (x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        pem = cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(
+            serialization.Encoding.PEM)
+        kpem = key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+        return pem, kpem
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pem, kpem = leaf(hostnames)
+    (directory / "server.pem").write_bytes(pem)
+    (directory / "server.key").write_bytes(kpem)
+    pem, kpem = leaf(("wrong.example",))
+    (directory / "wrong.pem").write_bytes(pem)
+    (directory / "wrong.key").write_bytes(kpem)
+    return CertSet(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+                   directory / "wrong.pem", directory / "wrong.key")
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port (never the shared 6379)."""
+
+    def __init__(self, appendonly: bool = False) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found (make test installs it)")
+        self.exe = exe
+        self.dir = tempfile.mkdtemp(prefix="kotlin-smtp-redis-")
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log")]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args)
+        wait_until(self._ping, timeout=10, message="redis-server to answer PING")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
