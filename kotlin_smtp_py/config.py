@@ -298,11 +298,19 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Recipient domains that get their own `domain` label on smtp_spool_delivery_failure_total;
+    # every other domain is counted as "other" (keeps the series count bounded).
+    trackedDomains: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ManagementConfig:
     enabled: bool = True
     server: ManagementServerConfig = field(default_factory=ManagementServerConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 @dataclass(frozen=True)
