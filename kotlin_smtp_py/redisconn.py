@@ -1,0 +1,304 @@
+"""Redis connections: one txredisapi connection built from ``smtp.redis``, every command bounded.
+
+What this module guarantees to its users (spool, rate limiters, health):
+
+- Replies are raw: ``charset=None, convertNumbers=False``. Bulk strings come back as ``bytes``,
+  integers as ``int``, status replies (``OK``) as ``str``. Callers decode what they need.
+- Every command has a deadline (``commandTimeoutMs``). txredisapi queues commands while the
+  connection is down and they would hang until Redis returns; here a command fails at once with
+  :class:`RedisUnavailable` while no connection is up, and with :class:`RedisUnavailable` at the
+  deadline when the server does not answer. The caller turns that into ``451 4.3.0`` / readiness
+  DOWN. Late replies to timed-out commands are consumed in order and dropped, so the connection
+  stays in sync.
+- txredisapi reconnects by itself (backoff capped at :data:`RECONNECT_MAX_DELAY` seconds); work
+  resumes when Redis returns without anyone reconnecting by hand.
+- Lua scripts run with EVALSHA and fall back to EVAL when the server answers NOSCRIPT (after a
+  restart or SCRIPT FLUSH), so scripts survive reconnects.
+- :meth:`RedisClient.connection` pins one connection for commands that must share it (a write
+  followed by ``WAIT`` for replicas).
+
+Only ``redis://``/``rediss://`` URLs and Sentinel are supported; Redis Cluster is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kotlin_smtp_py.config import RedisConfig
+from kotlin_smtp_py.interfaces import IHealthIndicator
+
+log = Logger()
+
+RECONNECT_INITIAL_DELAY = 0.2
+RECONNECT_MAX_DELAY = 2.0
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be reached right now (not connected, connection lost, or deadline passed)."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how to connect, parsed from :class:`RedisConfig`."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+
+    def describe(self) -> str:
+        """Human-readable target without secrets (for logs and errors)."""
+        if self.sentinels:
+            hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"sentinel master {self.master_name!r} via {hosts} db {self.db}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    return host, int(port) if port else default_port
+
+
+def parse_target(config: RedisConfig) -> RedisTarget:
+    """Parse ``url`` (``redis://[user][:password@]host:port/db``, ``rediss://`` for TLS; query
+    ``ssl_ca_certs=/path`` and ``ssl_cert_reqs=none`` as in redis-py) or ``sentinels`` +
+    ``masterName``. ``smtp.redis.password`` overrides a password in the URL.
+    Raises ValueError naming the bad key."""
+    parts = urlsplit(config.url or "redis://127.0.0.1:6379/0")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"smtp.redis.url: scheme must be redis:// or rediss://, got "
+                         f"{parts.scheme!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("smtp.redis.url: invalid port") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"smtp.redis.url: database must be a number, got {path!r}")
+    query = parse_qs(parts.query)
+    password = config.password or (unquote(parts.password) if parts.password else None)
+    sentinels = tuple(_split_host_port(s, 26379) for s in config.sentinels if s.strip())
+    if sentinels and not config.masterName:
+        raise ValueError("smtp.redis.masterName: required when smtp.redis.sentinels is set")
+    return RedisTarget(
+        host=parts.hostname or "127.0.0.1", port=port, db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=password or None, tls=parts.scheme == "rediss",
+        tls_ca_file=query["ssl_ca_certs"][0] if query.get("ssl_ca_certs") else None,
+        tls_verify=(query.get("ssl_cert_reqs") or ["required"])[0].lower() != "none",
+        sentinels=sentinels, master_name=config.masterName)
+
+
+def _tls_options(target: RedisTarget) -> Any:
+    from twisted.internet import ssl
+
+    if not target.tls_verify:
+        return ssl.CertificateOptions()
+    trust: Any = None
+    if target.tls_ca_file:
+        with open(target.tls_ca_file, "rb") as fh:
+            trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+                [ssl.Certificate.loadPEM(fh.read())])
+    return ssl.optionsForClientTLS(target.host, trustRoot=trust)
+
+
+class LuaScript:
+    """A Lua script run by SHA1 (EVALSHA) with an EVAL fallback on NOSCRIPT."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source.encode("utf-8")
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+
+class RedisClient:
+    """A txredisapi handler with deadlines. Create with :func:`connect` or :meth:`from_config`."""
+
+    def __init__(self, handler: Any, target: RedisTarget, command_timeout: float,
+                 clock: IReactorTime, sentinel: Any = None) -> None:
+        self._handler = handler
+        self._factory = handler._factory
+        self._factory.initialDelay = RECONNECT_INITIAL_DELAY
+        self._factory.maxDelay = RECONNECT_MAX_DELAY
+        self.target = target
+        self.command_timeout = command_timeout
+        self.clock = clock
+        self._sentinel = sentinel
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: RedisConfig, clock: IReactorTime | None = None) -> RedisClient:
+        """Start connecting in the background (no wait); see :func:`connect` for start-up."""
+        if clock is None:
+            from twisted.internet import reactor
+            clock = reactor  # type: ignore[assignment]
+        assert clock is not None
+        target = parse_target(config)
+        connect_timeout = max(config.connectTimeoutMs, 1) / 1000.0
+        kwargs: dict[str, Any] = dict(charset=None, convertNumbers=False,
+                                      password=target.password, username=target.username)
+        sentinel = None
+        if target.sentinels:
+            sentinel = txredisapi.Sentinel(list(target.sentinels))
+            sentinel.discovery_timeout = connect_timeout
+            handler = sentinel.master_for(target.master_name, dbid=target.db, poolsize=1,
+                                          **kwargs)
+        else:
+            handler = txredisapi.lazyConnection(
+                target.host, target.port, dbid=target.db, reconnect=True,
+                ssl_context_factory=_tls_options(target) if target.tls else False,
+                connectTimeout=connect_timeout, **kwargs)
+        return cls(handler, target, max(config.commandTimeoutMs, 1) / 1000.0, clock, sentinel)
+
+    # -- connections -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return any(getattr(c, "connected", 0) for c in list(self._factory.pool))
+
+    def connection(self) -> Any:
+        """The live protocol instance, for commands that must share one connection.
+        Raises RedisUnavailable when none is up."""
+        if self._closed:
+            raise RedisUnavailable("redis client is closed")
+        for conn in list(self._factory.pool):
+            if getattr(conn, "connected", 0):
+                return conn
+        raise RedisUnavailable(f"not connected to {self.target.describe()}")
+
+    def close(self) -> defer.Deferred[Any]:
+        """Stop reconnecting and close the connection."""
+        self._closed = True
+        ds = [defer.maybeDeferred(self._handler.disconnect)]
+        if self._sentinel is not None:
+            ds.append(defer.maybeDeferred(self._sentinel.disconnect))
+        return defer.gatherResults(ds, consumeErrors=True)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def _deadline(self, d: defer.Deferred[Any], what: str, timeout: float) -> defer.Deferred[Any]:
+        d.addTimeout(timeout, self.clock)
+
+        def translate(failure: Any) -> Any:
+            if failure.check(defer.TimeoutError, defer.CancelledError):
+                raise RedisUnavailable(f"redis {what} timed out after {timeout:g}s")
+            if failure.check(txredisapi.ConnectionError):
+                raise RedisUnavailable(f"redis {what} failed: {failure.getErrorMessage()}")
+            return failure
+
+        return d.addErrback(translate)
+
+    def execute(self, *args: Any, conn: Any = None,
+                timeout: float | None = None) -> defer.Deferred[Any]:
+        """Run one command; fails with RedisUnavailable when not connected or past the deadline.
+        ``conn`` pins the connection (see :meth:`connection`)."""
+        what = str(args[0]) if args else "command"
+        try:
+            c = conn if conn is not None else self.connection()
+            d = defer.maybeDeferred(c.execute_command, *args)
+        except RedisUnavailable as exc:
+            return defer.fail(exc)
+        return self._deadline(d, what, timeout if timeout is not None else self.command_timeout)
+
+    def eval(self, script: LuaScript, keys: list[Any], args: list[Any],
+             conn: Any = None) -> defer.Deferred[Any]:
+        """Run a Lua script (EVALSHA, EVAL on NOSCRIPT) under one deadline."""
+        try:
+            c = conn if conn is not None else self.connection()
+        except RedisUnavailable as exc:
+            return defer.fail(exc)
+        keys_and_args = [len(keys), *keys, *args]
+
+        def noscript(failure: Any) -> Any:
+            if failure.check(txredisapi.ResponseError) and \
+                    str(failure.value).startswith("NOSCRIPT"):
+                return c.execute_command("EVAL", script.source, *keys_and_args)
+            return failure
+
+        d = defer.maybeDeferred(c.execute_command, "EVALSHA", script.sha, *keys_and_args)
+        d.addErrback(noscript)
+        return self._deadline(d, f"script {script.name}", self.command_timeout)
+
+    async def ping(self) -> tuple[bool, str]:
+        """Health check: (True, "ok") or (False, reason). Never raises."""
+        started = time.monotonic()
+        try:
+            reply = await self.execute("PING")
+        except Exception as exc:  # any failure means DOWN
+            return False, str(exc) or type(exc).__name__
+        if reply not in ("PONG", b"PONG"):
+            return False, f"unexpected PING reply {reply!r}"
+        ms = (time.monotonic() - started) * 1000
+        return True, f"ok ({ms:.1f} ms)"
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll PING until it succeeds or ``timeout`` seconds pass (RedisUnavailable)."""
+        from twisted.internet import task
+
+        deadline = self.clock.seconds() + timeout
+        reason = "no answer"
+        while True:
+            ok, reason = await self.ping()
+            if ok:
+                return
+            if self.clock.seconds() >= deadline:
+                raise RedisUnavailable(
+                    f"Redis at {self.target.describe()} is unreachable after {timeout:g}s: "
+                    f"{reason}")
+            await task.deferLater(self.clock, 0.05, lambda: None)
+
+
+async def connect(config: RedisConfig, clock: IReactorTime | None = None) -> RedisClient:
+    """Start-up helper: connect and wait for PING within ``connectTimeoutMs``.
+
+    Raises :class:`RedisUnavailable` naming the target (never the password) when Redis cannot be
+    reached, and ValueError for a malformed ``smtp.redis`` section."""
+    client = RedisClient.from_config(config, clock)
+    try:
+        await client.wait_ready(max(config.connectTimeoutMs, 1) / 1000.0)
+    except BaseException:
+        await client.close()
+        raise
+    log.info("connected to {target}", target=client.target.describe())
+    return client
+
+
+@implementer(IHealthIndicator)
+class RedisHealthIndicator:
+    """The ``redis`` component of /actuator/health: UP when PING answers within the deadline."""
+
+    name = "redis"
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+
+    def health(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
+        async def check() -> tuple[bool, dict[str, Any]]:
+            ok, reason = await self.client.ping()
+            return ok, {"target": self.client.target.describe(), "detail": reason}
+
+        return defer.Deferred.fromCoroutine(check())
