@@ -200,6 +200,7 @@ class OutboundTlsConfig:
     trustHosts: list[str] = field(default_factory=list)
     connectTimeoutMs: int = 15000
     readTimeoutMs: int = 15000
+    caFile: str = ""  # PEM bundle of trusted CAs for outbound TLS; empty = system trust store
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ class RelayConfig:
     routes: list[RouteConfig] = field(default_factory=list)
     outboundTls: OutboundTlsConfig = field(default_factory=OutboundTlsConfig)
     outboundPolicy: OutboundPolicyConfig = field(default_factory=OutboundPolicyConfig)
+    rules: list[str] = field(default_factory=list)  # dotted paths of extra IRelayAccessPolicy rules
+    maxConnectionsPerDestination: int = 5
 
 
 @dataclass(frozen=True)

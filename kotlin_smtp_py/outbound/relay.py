@@ -1,0 +1,166 @@
+"""RelayDelivery: the IDelivery for non-local recipients (smart hosts and direct MX).
+
+``deliver(entry, message_path, recipients)`` groups the recipients by next hop, resolves each hop
+to an ordered list of (host, address, port) targets and runs one SMTP session per target until
+one holds a transaction; it tries the next target on connection failures, greeting refusals
+and TLS/EHLO trouble before MAIL, never after. Invariants:
+
+* It never raises and returns exactly one result per recipient given, in order; unknown errors
+  become transient (4.3.0, reason ``other``) so the spool retries instead of bouncing.
+* At most ``maxConnectionsPerDestination`` sessions run at once per next hop (``route_key``).
+* Retries over time are the scheduler's job: this module makes one attempt per call.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kotlin_smtp_py.config import Config, SmtpConfig
+from kotlin_smtp_py.envelope import Recipient
+from kotlin_smtp_py.interfaces import IDelivery
+from kotlin_smtp_py.outbound.client import OutboundMessage, Target, deliver_session
+from kotlin_smtp_py.outbound.mx import MxResolver, MxResult, make_resolver
+from kotlin_smtp_py.outbound.router import NextHop, OutboundRouter, recipient_domain
+from kotlin_smtp_py.spool.record import QueueEntry
+from kotlin_smtp_py.status import DeliveryStatus, Reason
+
+log = Logger()
+
+MAX_TARGETS = 10  # sessions tried per next hop and attempt (MX hosts × addresses × ports)
+
+Results = list[tuple[Recipient, DeliveryStatus]]
+
+
+@implementer(IDelivery)
+class RelayDelivery:
+    """Delivers to remote hosts; construct with ``RelayDelivery.from_config(config, reactor)``."""
+
+    def __init__(self, smtp: SmtpConfig, reactor: Any, resolver: Any = None,
+                 shuffle: Callable[[list[Any]], None] = random.shuffle) -> None:
+        self._smtp = smtp
+        self._reactor = reactor
+        self.router = OutboundRouter(smtp.relay)
+        if resolver is None:
+            resolver = make_resolver(smtp.dns.servers, reactor)
+        self.mx = MxResolver(resolver, reactor, smtp.dns.timeoutMs / 1000.0, shuffle)
+        self._limit = max(1, smtp.relay.maxConnectionsPerDestination)
+        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, reactor: Any, resolver: Any = None) -> RelayDelivery:
+        """The service passes its reactor (only service.py imports the global one)."""
+        return cls(config.smtp, reactor, resolver)
+
+    def route_key(self, domain: str) -> str:
+        """Grouping key for the scheduler: equal keys → same next hop → one transaction."""
+        return self.router.route_key(domain)
+
+    def deliver(self, entry: QueueEntry, message_path: str,
+                recipients: Sequence[Recipient]) -> defer.Deferred[Results]:
+        recipients = list(recipients)
+        d = defer.Deferred.fromCoroutine(self._deliver(entry, message_path, recipients))
+
+        def unexpected(failure: Any) -> Results:
+            log.failure("relay delivery of {queue_id} crashed", failure, queue_id=entry.queue_id)
+            status = DeliveryStatus.transient(Reason.OTHER, "internal error during delivery",
+                                              "4.3.0")
+            return [(r, status) for r in recipients]
+
+        d.addErrback(unexpected)
+        return d
+
+    async def _deliver(self, entry: QueueEntry, message_path: str,
+                       recipients: list[Recipient]) -> Results:
+        groups: dict[str, tuple[NextHop, list[Recipient]]] = {}
+        for r in recipients:
+            hop = self.router.next_hop(recipient_domain(r.address))
+            groups.setdefault(hop.key, (hop, []))[1].append(r)
+        runs = [defer.Deferred.fromCoroutine(self._limited(hop, entry, message_path, rcpts))
+                for hop, rcpts in groups.values()]
+        done: dict[Recipient, DeliveryStatus] = {}
+        for results in await defer.gatherResults(runs, consumeErrors=True):
+            done.update(results)
+        return [(r, done[r]) for r in recipients]
+
+    async def _limited(self, hop: NextHop, entry: QueueEntry, message_path: str,
+                       recipients: list[Recipient]) -> Results:
+        sem = self._semaphores.get(hop.key)
+        if sem is None:
+            sem = self._semaphores[hop.key] = defer.DeferredSemaphore(self._limit)
+        await sem.acquire()
+        try:
+            return await self._deliver_hop(hop, entry, message_path, recipients)
+        finally:
+            sem.release()
+            if sem.tokens == self._limit and not sem.waiting:
+                self._semaphores.pop(hop.key, None)
+
+    async def _deliver_hop(self, hop: NextHop, entry: QueueEntry, message_path: str,
+                           recipients: list[Recipient]) -> Results:
+        targets = await self._targets(hop)
+        if isinstance(targets, DeliveryStatus):
+            self._log_results(entry, hop, [(r, targets) for r in recipients])
+            return [(r, targets) for r in recipients]
+        env = entry.envelope
+        message = OutboundMessage(
+            sender=env.sender, recipients=tuple(recipients), path=message_path,
+            size=os.stat(message_path).st_size,
+            eight_bit=env.body.upper() in ("8BITMIME", "BINARYMIME"),
+            ret=env.ret, envid=env.envid)
+        results: Results = []
+        for target in targets[:MAX_TARGETS]:
+            outcome = await deliver_session(self._reactor, target, self._smtp.hostname, hop.tls,
+                                            message, hop.credentials)
+            results = outcome.per_recipient(recipients)
+            if outcome.host_failure is None or not outcome.try_next:
+                break
+        self._log_results(entry, hop, results)
+        return results
+
+    async def _targets(self, hop: NextHop) -> list[Target] | DeliveryStatus:
+        if hop.host is not None:
+            return await self._smart_host_targets(hop, hop.host)
+        found = await self.mx.resolve(hop.domain)
+        if isinstance(found, DeliveryStatus):
+            return found
+        return self._mx_targets(hop, found)
+
+    def _mx_targets(self, hop: NextHop, found: MxResult) -> list[Target] | DeliveryStatus:
+        me = self._smtp.hostname.lower().rstrip(".")
+        if any(h.name == me for h in found.hosts) and me not in ("localhost", ""):
+            # RFC 5321 §5.1: we are (one of) the MX for this domain but it is not local here.
+            return DeliveryStatus.permanent_failure(
+                Reason.DNS, f"mail for {hop.domain} loops back to myself", "5.4.6", 554,
+                diagnostic=f"x-dns; {me} is an MX for {hop.domain}")
+        return [Target(h.name, address, port)
+                for h in found.hosts for address in h.addresses for port in hop.tls.ports]
+
+    async def _smart_host_targets(self, hop: NextHop, host: str) -> list[Target] | DeliveryStatus:
+        from ipaddress import ip_address
+
+        try:
+            return [Target(host, str(ip_address(host.strip("[]"))), hop.port)]
+        except ValueError:
+            pass
+        addresses, six, four = await self.mx.addresses(host)
+        if not addresses:
+            why = "lookup failed" if (six.failure or four.failure) else "has no address"
+            return DeliveryStatus.transient(Reason.DNS, f"relay host {host} {why}", "4.4.3",
+                                            diagnostic=f"x-dns; relay host {host} {why}")
+        return [Target(host, address, hop.port) for address in addresses]
+
+    def _log_results(self, entry: QueueEntry, hop: NextHop, results: Results) -> None:
+        for r, status in results:
+            log.info("delivery {queue_id} to {recipient} via {next_hop}: {code} {enhanced} {text}",
+                     queue_id=entry.queue_id, recipient=r.address, next_hop=hop.key,
+                     code=status.code, enhanced=status.enhanced, text=status.text,
+                     status="delivered" if status.ok else status.kind.value if status.kind
+                     else "", reason=None if status.ok else status.reason.value,
+                     remote_mta=status.remote_mta)
