@@ -1,0 +1,239 @@
+"""Log output: human text lines (default) or one JSON object per line, with secrets masked.
+
+Job: turn Twisted log events (``twisted.logger`` and legacy ``twisted.python.log``) into lines
+on stdout (journald, ``docker logs``) or a file, filtered by ``logging.level``. Callers log with
+one ``Logger()`` per module and named fields::
+
+    _log.info("accepted {queue_id} from {peer}", event="message.accepted", session=sid,
+              peer=peer, queue_id=qid, message_id=mid, sender=s, recipient=r)
+
+JSON lines carry ``timestamp`` (ISO-8601 UTC), ``level``, ``logger`` (``log_namespace``),
+``event`` (the ``event`` field when given, else the format string), ``message`` (rendered
+text), then every other non-private field (names not starting with ``log_``). A failure adds
+``error`` and ``traceback``.
+
+Invariants:
+- Secrets never reach the output: a field whose name contains ``password``, ``secret``,
+  ``auth_data``, ``payload`` (or a word in ``redact``) is replaced by ``******`` before the
+  message is rendered, so ``{password}`` in a format string prints the mask too; nested dicts
+  are masked the same way, and ``AUTH PLAIN|LOGIN <data>`` in rendered text is scrubbed.
+- The observer never raises (Twisted would drop it): a broken event yields a fallback line.
+- Every line is flushed at once, so journald sees it even when stdout is a pipe.
+
+twistd: the service maker runs after twistd chose its log observer, so the plugin should put
+ours in place while options are parsed, in its ``Options.postOptions``::
+
+    if not self.parent.get("logger"):
+        self.parent["logger"] = twistd_logger_factory(config.logging)
+
+(``twistd --logger dotted.name`` given by the operator still wins.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kotlin_smtp_py.config import LoggingConfig
+
+MASK = "******"
+DEFAULT_REDACT: tuple[str, ...] = ("password", "passwd", "secret", "auth_data", "payload",
+                                   "credential", "token")
+# Legacy-event bookkeeping and our own top-level names: never copied as extra fields.
+_SKIP_FIELDS = frozenset({"message", "isError", "system", "format", "time", "why", "failure",
+                          "event", "timestamp", "level", "logger", "error", "traceback"})
+_AUTH_LINE = re.compile(r"(?i)\b(AUTH\s+(?:PLAIN|LOGIN|XOAUTH2|CRAM-MD5))\s+\S+")
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+           "warning": LogLevel.warn, "error": LogLevel.error, "critical": LogLevel.critical}
+
+
+def parse_level(name: str) -> LogLevel:
+    try:
+        level: LogLevel = _LEVELS[name.strip().lower()]
+        return level
+    except KeyError:
+        raise ValueError(f"unknown log level {name!r}") from None
+
+
+class Redactor:
+    """Masks secret-looking fields (by name, case-insensitive substring) and AUTH data."""
+
+    def __init__(self, words: Iterable[str] = DEFAULT_REDACT) -> None:
+        self.words = tuple(w.lower() for w in words if w)
+
+    def is_secret(self, name: str) -> bool:
+        lowered = name.lower()
+        return any(w in lowered for w in self.words)
+
+    def value(self, name: str, value: Any) -> Any:
+        if self.is_secret(name):
+            return MASK
+        if isinstance(value, Mapping):
+            return {k: self.value(str(k), v) for k, v in value.items()}
+        if isinstance(value, str):
+            return self.text(value)
+        return value
+
+    def event(self, event: LogEvent) -> LogEvent:
+        """A copy of ``event`` with secret fields masked (``log_*`` keys kept as they are)."""
+        return {k: (v if k.startswith("log_") else self.value(k, v)) for k, v in event.items()}
+
+    @staticmethod
+    def text(text: str) -> str:
+        return _AUTH_LINE.sub(lambda m: f"{m.group(1)} {MASK}", text)
+
+
+def _timestamp(event: LogEvent) -> str:
+    t = event.get("log_time")
+    if not isinstance(t, (int, float)):
+        t = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    dt = datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _level(event: LogEvent) -> str:
+    name = getattr(event.get("log_level"), "name", None)  # LogLevel members are NamedConstants
+    return name.upper() if isinstance(name, str) else "INFO"
+
+
+def _logger(event: LogEvent) -> str:
+    namespace = event.get("log_namespace")
+    if namespace == "log_legacy" and event.get("system"):
+        return str(event["system"])
+    return str(namespace or "-")
+
+
+def _fields(event: LogEvent) -> dict[str, Any]:
+    return {k: v for k, v in event.items()
+            if not k.startswith("log_") and not k.startswith("_") and k not in _SKIP_FIELDS}
+
+
+def _event_name(event: LogEvent) -> str:
+    name = event.get("event")
+    if isinstance(name, str) and name:
+        return name
+    fmt = event.get("log_format")
+    return fmt if isinstance(fmt, str) else ""
+
+
+def _failure(event: LogEvent) -> Failure | None:
+    f = event.get("log_failure")
+    return f if isinstance(f, Failure) else None
+
+
+def _render(event: LogEvent, redactor: Redactor) -> str:
+    text = formatEvent(event)
+    return redactor.text(text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def format_json(event: LogEvent, redactor: Redactor) -> str:
+    """One JSON object (no newline) for an already-masked event."""
+    record: dict[str, Any] = {
+        "timestamp": _timestamp(event),
+        "level": _level(event),
+        "logger": _logger(event),
+        "event": _event_name(event),
+        "message": _render(event, redactor),
+    }
+    for key, value in _fields(event).items():
+        record.setdefault(key, _jsonable(value))
+    failure = _failure(event)
+    if failure is not None:
+        kind = getattr(failure.type, "__name__", "Exception")
+        record["error"] = redactor.text(f"{kind}: {failure.getErrorMessage()}")
+        record["traceback"] = redactor.text(failure.getTraceback())
+    return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def format_text(event: LogEvent, redactor: Redactor) -> str:
+    """``<timestamp> <LEVEL> [<logger>] <message> key=value...`` (+ traceback lines)."""
+    message = _render(event, redactor)
+    fmt = event.get("log_format") or ""
+    extras = " ".join(f"{k}={_jsonable(v)}" for k, v in _fields(event).items()
+                      if "{" + k not in str(fmt))
+    line = f"{_timestamp(event)} {_level(event):<5} [{_logger(event)}] {message}"
+    if extras:
+        line += f" ({extras})"
+    failure = _failure(event)
+    if failure is not None:
+        line += "\n" + redactor.text(failure.getTraceback()).rstrip("\n")
+    return line
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes one formatted line per event and flushes; masks secrets first; never raises."""
+
+    def __init__(self, stream: IO[str], formatter: Callable[[LogEvent, Redactor], str],
+                 redactor: Redactor | None = None) -> None:
+        self.stream = stream
+        self.formatter = formatter
+        self.redactor = redactor or Redactor()
+
+    def __call__(self, event: LogEvent) -> None:
+        try:
+            line = self.formatter(self.redactor.event(event), self.redactor)
+        except Exception as exc:  # a broken event must not take the observer down
+            line = json.dumps({"timestamp": _timestamp(event), "level": "ERROR",
+                               "logger": "kotlin_smtp_py.log", "event": "log.format_error",
+                               "message": f"unformattable log event: {type(exc).__name__}"})
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def open_output(target: str) -> IO[str]:
+    """``stdout``/``stderr`` or a file path (appended, line-buffered)."""
+    if target in ("", "stdout", "-"):
+        return sys.stdout
+    if target == "stderr":
+        return sys.stderr
+    return open(target, "a", encoding="utf-8", buffering=1)  # lives as long as the process
+
+
+def configure_logging(config: LoggingConfig, stream: IO[str] | None = None,
+                      redact: Iterable[str] = ()) -> ILogObserver:
+    """The observer for ``config``: format, level filter and output (``stream`` overrides
+    ``config.file``). Install it with ``globalLogBeginner.beginLoggingTo([observer])`` or hand
+    it to twistd (see the module docstring)."""
+    formatter = format_json if config.format == "json" else format_text
+    redactor = Redactor((*DEFAULT_REDACT, *redact))
+    out = stream if stream is not None else open_output(config.file)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=parse_level(config.level))
+    observer: ILogObserver = FilteringLogObserver(LineObserver(out, formatter, redactor),
+                                                  [predicate])
+    return observer
+
+
+def twistd_logger_factory(config: LoggingConfig) -> Callable[[], ILogObserver]:
+    """A zero-argument factory for twistd's ``logger`` option."""
+    return lambda: configure_logging(config)
