@@ -19,11 +19,11 @@ deps: $(BIN)/python
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; fi; \
 	fi
 	@$(BIN)/python -c "import kotlin_smtp_py, pytest, mypy, hypothesis" 2>/dev/null || \
-	  ($(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[test]')
+	  ($(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat)
 	@$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))" >/dev/null 2>&1 || true
 
 run: deps
-	mkdir -p data
+	mkdir -p data/mailboxes/alice data/mailboxes/bob
 	$(BIN)/twistd -n --pidfile= smtp --config $(CONFIG)
 
 lint: deps

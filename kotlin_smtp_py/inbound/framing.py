@@ -1,0 +1,113 @@
+"""Bulk DATA framing: find ``<CRLF>.<CRLF>``, undo dot-stuffing and police line endings per chunk.
+
+Works on whole lines only (the partial last line waits for more bytes, bounded by
+``max_line``), using ``bytes.find``/``count``/``replace`` on entire blocks instead of a Python
+call per line. Anti-smuggling rules:
+
+- Only ``CRLF . CRLF`` ends the message; the dot line must start right after a CRLF (or be the
+  first line). ``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n``, ``\\r\\n.\\r`` ... never end it.
+- Any bare CR or bare LF marks the message bad (550 5.6.0 at the end); it is never stored.
+- A line longer than ``max_line`` marks the message bad but framing continues, so the rest of
+  the body is never read as commands.
+- More than ``max_size`` bytes marks the message too big (552 5.3.4); the bytes are discarded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+MAX_BODY_LINE = 16384  # octets without CRLF; RFC 5321 asks for 998, real mail exceeds it
+
+OK = "ok"
+BARE_EOL = "bare-eol"
+LINE_TOO_LONG = "line-too-long"
+TOO_BIG = "too-big"
+
+
+class DataDecoder:
+    """Feeds DATA bytes; calls ``sink`` with unstuffed content; reports the end and leftovers."""
+
+    def __init__(self, sink: Callable[[bytes], None], max_size: int,
+                 max_line: int = MAX_BODY_LINE) -> None:
+        self._sink = sink
+        self._max_size = max_size
+        self._max_line = max_line
+        self._long_line = re.compile(rb"[^\n]{%d}" % (max_line + 2))
+        self._pending = bytearray()
+        self._at_crlf_line_start = True  # the next byte begins a line that follows a CRLF
+        self._in_overlong = False
+        self.size = 0
+        self.error = OK
+        self.done = False
+
+    def _fail(self, why: str) -> None:
+        if self.error == OK:
+            self.error = why
+
+    def feed(self, data: bytes | bytearray) -> bytes | None:
+        """Consume ``data``; returns None while the message continues, else the bytes that
+        followed the terminator (pipelined commands)."""
+        buf = self._pending
+        buf += data
+        last_lf = buf.rfind(b"\n")
+        if last_lf < 0:
+            self._check_partial(buf)
+            return None
+        block = bytes(buf[:last_lf + 1])
+        del buf[:last_lf + 1]
+        end = self._find_end(block)
+        if end is None:
+            self._content(block)
+            self._check_partial(buf)
+            return None
+        content_end, rest_start = end
+        self._content(block[:content_end])
+        self.done = True
+        rest = block[rest_start:] + bytes(buf)
+        buf.clear()
+        return rest
+
+    def _find_end(self, block: bytes) -> tuple[int, int] | None:
+        if self._at_crlf_line_start and block.startswith(b".\r\n"):
+            return 0, 3
+        p = block.find(b"\r\n.\r\n")
+        if p < 0:
+            return None
+        return p + 2, p + 5
+
+    def _check_partial(self, buf: bytearray) -> None:
+        """Bound the unfinished line: drop it (and fail the message) when over the limit."""
+        if len(buf) > self._max_line + 1:
+            self._fail(LINE_TOO_LONG)
+            keep_cr = buf.endswith(b"\r")
+            buf.clear()
+            if keep_cr:
+                buf += b"\r"
+            self._in_overlong = True
+            self._at_crlf_line_start = False
+
+    def _content(self, block: bytes) -> None:
+        if not block:
+            return
+        starts_line = self._at_crlf_line_start
+        self._at_crlf_line_start = block.endswith(b"\r\n")
+        if self._in_overlong:
+            self._in_overlong = False
+        crlf = block.count(b"\r\n")
+        if crlf != block.count(b"\n") or crlf != block.count(b"\r"):
+            self._fail(BARE_EOL)
+        if len(block) > self._max_line + 2 and self._long_line.search(block):
+            self._fail(LINE_TOO_LONG)
+        if self.error != OK:
+            return
+        if starts_line:
+            block = b"\r\n" + block
+        block = block.replace(b"\r\n.", b"\r\n")
+        if starts_line:
+            block = block[2:]
+        self.size += len(block)
+        if self.size > self._max_size:
+            self._fail(TOO_BIG)
+            return
+        self._sink(block)

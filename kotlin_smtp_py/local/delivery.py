@@ -1,0 +1,133 @@
+"""Local delivery: recipients in our domains go to Maildirs; lists expand at delivery time.
+
+Lists expand recursively in memory (with a visited set, so lists that include each other end);
+local members are written directly, remote members are resubmitted to the spool as one new entry
+(relayed like any other mail). The list recipient counts as delivered once both are durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kotlin_smtp_py.envelope import AddressError, Envelope, Recipient, parse_mailbox
+from kotlin_smtp_py.interfaces import IDelivery
+from kotlin_smtp_py.local.directory import LocalDirectory, read_list, safe_name
+from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
+from kotlin_smtp_py.spool.record import QueueEntry
+from kotlin_smtp_py.status import DeliveryStatus, Reason
+
+log = Logger()
+MAX_LIST_DEPTH = 8
+Result = tuple[Recipient, DeliveryStatus]
+
+
+def _header_addr(addr: str) -> bytes:
+    return addr.encode("utf-8")
+
+
+@implementer(IDelivery)
+class LocalDelivery:
+    """Delivers to ``mailboxDir/<user>/Maildir`` and expands ``listsDir/<list>`` files."""
+
+    def __init__(self, directory: LocalDirectory, is_local_domain: Callable[[str], bool],
+                 resubmit: Callable[[Envelope, str], defer.Deferred[Any]] | None = None,
+                 run_in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> None:
+        self.directory = directory
+        self.is_local_domain = is_local_domain
+        self.resubmit = resubmit
+        self._thread = run_in_thread or threads.deferToThread
+
+    def expand(self, address: str) -> tuple[list[str], list[str]]:
+        """(local mailbox names, remote addresses) that ``address`` stands for."""
+        local: list[str] = []
+        remote: list[str] = []
+        seen: set[str] = set()
+
+        def visit(addr: str, depth: int) -> None:
+            try:
+                parsed = parse_mailbox(addr, utf8=True)
+            except AddressError:
+                log.warn("ignoring invalid list member {member}", member=addr)
+                return
+            if not self.is_local_domain(parsed.domain):
+                if addr.lower() not in seen:
+                    seen.add(addr.lower())
+                    remote.append(str(parsed))
+                return
+            name = self.directory.resolve(parsed.local)
+            if name is None or name in seen:
+                return
+            seen.add(name)
+            list_path = self.directory.list_path(name)
+            if list_path is not None and depth < MAX_LIST_DEPTH:
+                for member in read_list(list_path):
+                    visit(member, depth + 1)
+            elif list_path is None:
+                local.append(name)
+
+        visit(address, 0)
+        return local, remote
+
+    def _deliver_one_sync(self, entry: QueueEntry, message_path: str,
+                          rcpt: Recipient) -> tuple[DeliveryStatus, list[str]]:
+        local, remote = self.expand(rcpt.address)
+        if not local and not remote:
+            if safe_name(rcpt.address.rpartition("@")[0]) is None or \
+                    self.directory.resolve(rcpt.address.rpartition("@")[0]) is None:
+                return DeliveryStatus.permanent_failure(
+                    Reason.RECIPIENT, "no such user here", "5.1.1"), []
+            return DeliveryStatus.delivered("list has no members"), []
+        env = entry.envelope
+        for name in local:
+            prefix = (b"Return-Path: <" + _header_addr(env.sender) + b">\r\n"
+                      + b"Delivered-To: " + _header_addr(rcpt.address) + b"\r\n")
+            fresh = write_maildir(self.directory.maildir(name),
+                                  maildir_name(entry.queue_id, f"{rcpt.address}/{name}",
+                                               env.received_at),
+                                  prefix, message_path)
+            log.info("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
+                     queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
+                     dup="" if fresh else " (already present)", event="delivered")
+        return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
+
+    @defer.inlineCallbacks
+    def _deliver(self, entry: QueueEntry, message_path: str,
+                 recipients: Sequence[Recipient]) -> Any:
+        results: list[Result] = []
+        for rcpt in recipients:
+            try:
+                status, remote = yield self._thread(self._deliver_one_sync, entry, message_path,
+                                                    rcpt)
+                if remote:
+                    if self.resubmit is None:
+                        status = DeliveryStatus.permanent_failure(
+                            Reason.POLICY, "list has remote members but relay is unavailable",
+                            "5.7.1")
+                    else:
+                        env = Envelope(sender=entry.envelope.sender,
+                                       recipients=tuple(Recipient(a) for a in remote),
+                                       helo=entry.envelope.helo, peer=entry.envelope.peer,
+                                       smtputf8=entry.envelope.smtputf8, body=entry.envelope.body,
+                                       size=entry.envelope.size,
+                                       message_id=entry.envelope.message_id)
+                        yield self.resubmit(env, message_path)
+            except OSError as exc:
+                log.error("local delivery of {queue_id} to {recipient} failed: {error}",
+                          queue_id=entry.queue_id, recipient=rcpt.address, error=str(exc))
+                status = DeliveryStatus.transient(Reason.OTHER, f"mailbox unavailable: {exc}",
+                                                  "4.2.0")
+            except Exception as exc:  # never raise out of a delivery: unknown = transient
+                log.failure("local delivery of {queue_id} failed", queue_id=entry.queue_id)
+                status = DeliveryStatus.transient(Reason.OTHER, f"local delivery error: {exc}",
+                                                  "4.3.0")
+            results.append((rcpt, status))
+        return results
+
+    def deliver(self, entry: QueueEntry, message_path: str,
+                recipients: Sequence[Recipient]) -> defer.Deferred[list[Result]]:
+        return self._deliver(entry, message_path, recipients)  # type: ignore[no-any-return]

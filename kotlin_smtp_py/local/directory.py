@@ -1,0 +1,68 @@
+"""Who exists locally: mailboxes, mailing lists and AUTH users (RFC 5321 §4.5.1 postmaster).
+
+Local parts map to directory names, so only a conservative character set is ever used as a
+path component; anything else simply does not exist (no path tricks reach the file system).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+_SAFE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+RECIPIENT_DELIMITER = "+"
+
+
+def safe_name(local: str) -> str | None:
+    """The file-system name for a local part, or None when it cannot be a local user."""
+    name = local.lower()
+    if not _SAFE.match(name) or ".." in name:
+        return None
+    return name
+
+
+class LocalDirectory:
+    """Looks up local mailboxes and lists; ``postmaster`` always exists."""
+
+    def __init__(self, mailbox_dir: str, lists_dir: str,
+                 auth_user: Callable[[str], bool] = lambda _: False) -> None:
+        self.mailbox_dir = mailbox_dir
+        self.lists_dir = lists_dir
+        self._auth_user = auth_user
+
+    def list_path(self, name: str) -> str | None:
+        path = os.path.join(self.lists_dir, name)
+        return path if os.path.isfile(path) else None
+
+    def _known(self, name: str) -> bool:
+        return (name == "postmaster"
+                or os.path.isdir(os.path.join(self.mailbox_dir, name))
+                or self.list_path(name) is not None
+                or self._auth_user(name))
+
+    def resolve(self, local: str) -> str | None:
+        """The canonical local name for ``local`` (``alice+tag`` → ``alice``), or None."""
+        name = safe_name(local)
+        if name is None:
+            return None
+        if self._known(name):
+            return name
+        base, sep, _ = name.partition(RECIPIENT_DELIMITER)
+        if sep and base and self._known(base):
+            return base
+        return None
+
+    def maildir(self, name: str) -> str:
+        return os.path.join(self.mailbox_dir, name, "Maildir")
+
+
+def read_list(path: str) -> list[str]:
+    """Members of a list file: one address per line, ``#`` comments and blank lines ignored."""
+    members: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                members.append(line)
+    return members

@@ -1,0 +1,81 @@
+"""Maildir writing: tmp → fsync → link into new/ (RFC-less but Dovecot-compatible convention).
+
+File names are derived from the queue id and the recipient, so a redelivery of the same queue
+entry after a crash finds the earlier copy and does not create a duplicate: ``link(2)`` into
+``new/`` fails with EEXIST, and copies already moved to ``cur/`` by a mail reader are found by
+prefix.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import socket
+
+COPY_CHUNK = 1 << 20
+_SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
+
+
+def maildir_name(queue_id: str, recipient: str, received_at: float) -> str:
+    """Deterministic unique name: ``<time>.Q<queue id>R<recipient hash>.<host>``."""
+    digest = hashlib.sha1(recipient.lower().encode("utf-8")).hexdigest()[:12]
+    host = _SAFE_HOST.sub("_", socket.gethostname()) or "localhost"
+    return f"{int(received_at)}.Q{queue_id}R{digest}.{host}"
+
+
+def ensure_maildir(root: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+
+def _already_delivered(root: str, name: str) -> bool:
+    if os.path.exists(os.path.join(root, "new", name)):
+        return True
+    try:
+        with os.scandir(os.path.join(root, "cur")) as it:
+            return any(e.name == name or e.name.startswith(name + ":") for e in it)
+    except FileNotFoundError:
+        return False
+
+
+def write_maildir(root: str, name: str, prefix: bytes, message_path: str) -> bool:
+    """Deliver ``prefix`` + the message file into Maildir ``root``; False if already there.
+
+    Blocking (fsync): call from a thread.
+    """
+    ensure_maildir(root)
+    if _already_delivered(root, name):
+        return False
+    tmp = os.path.join(root, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if prefix:
+            os.write(fd, prefix)
+        with open(message_path, "rb") as src:
+            while True:
+                chunk = src.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, os.path.join(root, "new", name))
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        os.unlink(tmp)
+        return False
+    os.unlink(tmp)
+    dfd = os.open(os.path.join(root, "new"), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return True

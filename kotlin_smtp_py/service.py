@@ -1,0 +1,277 @@
+"""Wires everything together from a :class:`Config`: the only module that builds the object graph.
+
+Start order: spool → scheduler → SMTP listeners → management HTTP; readiness is UP (and systemd
+hears READY=1) only after every listener is bound. Stop order (SIGTERM): readiness DOWN and
+STOPPING=1, listeners stop accepting, idle sessions get 421, transactions in progress may finish
+until ``lifecycle.gracefulShutdownTimeoutMs``, the rest are aborted, deliveries in flight finish
+or have their leases released (entries stay queued), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from kotlin_smtp_py.config import Config, spool_backend
+from kotlin_smtp_py.inbound.auth import UserTableChecker
+from kotlin_smtp_py.inbound.factory import SessionEvents, SMTPFactory
+from kotlin_smtp_py.inbound.policy import RecipientPolicy
+from kotlin_smtp_py.inbound.protocol import SMTPServerProtocol
+from kotlin_smtp_py.interfaces import ISpool
+from kotlin_smtp_py.local.delivery import LocalDelivery
+from kotlin_smtp_py.local.directory import LocalDirectory
+from kotlin_smtp_py.routing import DeliveryRouter
+from kotlin_smtp_py.spool.file import FileSpool
+from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
+from kotlin_smtp_py.status import SmtpReply
+
+log = Logger()
+
+FLUSH_FILE = "flush.request"
+
+
+def build_tls_context(config: Config) -> Any:
+    """Server TLS options from ``smtp.ssl`` (cert chain + key, minimum version, ciphers)."""
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    s = config.smtp.ssl
+    with open(s.certChainFile, "rb") as fh:
+        chain_pem = fh.read()
+    with open(s.privateKeyFile, "rb") as fh:
+        key_pem = fh.read()
+    marker = b"-----END CERTIFICATE-----"
+    certs = [part + marker for part in chain_pem.split(marker) if b"BEGIN CERTIFICATE" in part]
+    leaf = crypto.load_certificate(crypto.FILETYPE_PEM, certs[0])
+    extra = [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in certs[1:]]
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    kwargs: dict[str, Any] = {
+        "privateKey": key, "certificate": leaf, "extraCertChain": extra,
+        "raiseMinimumTo": (ssl.TLSVersion.TLSv1_3 if s.minTlsVersion == "TLSv1.3"
+                           else ssl.TLSVersion.TLSv1_2),
+    }
+    if s.cipherSuites:
+        kwargs["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+            ":".join(s.cipherSuites))
+    return ssl.CertificateOptions(**kwargs)
+
+
+class TriggerGate:
+    """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing."""
+
+    def __init__(self, scheduler: Scheduler, cooldown_ms: int, clock: Any) -> None:
+        self.scheduler = scheduler
+        self.cooldown = cooldown_ms / 1000.0
+        self.clock = clock
+        self._last = float("-inf")
+
+    def fire(self) -> bool:
+        now = float(self.clock.seconds())
+        if now - self._last < self.cooldown:
+            return False
+        self._last = now
+        self.scheduler.trigger()
+        return True
+
+
+class SpoolBouncer(Bouncer):
+    """Queues RFC 3464 notices through the same spool (see outbound.dsn)."""
+
+    def __init__(self, spool: ISpool, hostname: str, clock: Any) -> None:
+        self.spool = spool
+        self.hostname = hostname
+        self.clock = clock
+
+    @defer.inlineCallbacks
+    def _notify(self, entry: Any, message_path: str, results: Any, action: str) -> Any:
+        from kotlin_smtp_py.outbound import dsn
+
+        wanted = [(r, s) for r, s in results if dsn.should_send_dsn(entry.envelope, r, action)]
+        if not wanted:
+            return None
+        with open(message_path, "rb") as fh:
+            original = fh.read()
+        body = dsn.build_dsn(entry, wanted, action, self.hostname, original,
+                             float(self.clock.seconds()))
+        notice = yield self.spool.enqueue(dsn.dsn_envelope(entry), body)
+        log.info("queued {action} DSN {dsn_id} for {queue_id} to <{sender}>", action=action,
+                 dsn_id=notice.queue_id, queue_id=entry.queue_id, sender=entry.envelope.sender,
+                 event="bounce")
+        return None
+
+    def notify(self, entry: Any, message_path: str, results: Any,
+               action: str) -> defer.Deferred[None]:
+        return self._notify(entry, message_path, results, action)  # type: ignore[no-any-return]
+
+
+class SmtpService(service.MultiService):
+    """The whole server as a Twisted service (what ``twistd smtp`` runs)."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        self.started_at = time.time()
+        self.ports: list[Any] = []
+        self.factories: list[SMTPFactory] = []
+        self.management_port: Any = None
+        self.shutting_down = False
+        self.session_events: list[SessionEvents] = []
+        self._build()
+
+    # -- construction --------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        c = self.config
+        s = c.smtp
+        if spool_backend(c) != "file":
+            raise RuntimeError("the redis spool backend is not wired in this build yet")
+        self.spool = FileSpool(s.spool.dir, clock=self.reactor)
+        self.auth_checker = UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords) \
+            if s.auth.enabled else None
+        self.directory = LocalDirectory(
+            s.storage.mailboxDir, s.storage.listsDir,
+            auth_user=(self.auth_checker.has_user if self.auth_checker else lambda _: False))
+        local_domains = s.routing.all_local_domains()
+        self.local_delivery = LocalDelivery(self.directory, lambda d: d in local_domains,
+                                            resubmit=self._resubmit)
+        self.router = DeliveryRouter(local_domains, self.local_delivery)
+        self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory)
+        self.bouncer = SpoolBouncer(self.spool, s.hostname, self.reactor)
+        self.scheduler = Scheduler(
+            self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
+            retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
+            clock=self.reactor)
+        self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
+                                        self.reactor)
+        self.tls_context = build_tls_context(c) if s.ssl.enabled else None
+
+    def _resubmit(self, envelope: Any, message_path: str) -> defer.Deferred[Any]:
+        with open(message_path, "rb") as fh:
+            data = fh.read()
+        d = self.spool.enqueue(envelope, data)
+        d.addCallback(lambda entry: (self.scheduler.trigger(), entry)[1])
+        return d
+
+    def make_factory(self, listener: Any) -> SMTPFactory:
+        s = self.config.smtp
+        factory = SMTPFactory(
+            listener=listener, hostname=s.hostname, primary_domain=s.routing.localDomain,
+            spool=self.spool, recipient_policy=self.recipient_policy,
+            auth_checker=self.auth_checker, auth_required=s.auth.required,
+            max_size=self._max_size(), max_recipients=s.limits.maxRecipients,
+            max_line=s.limits.maxCommandLineLength, tls_context=self.tls_context,
+            handshake_timeout_ms=s.ssl.handshakeTimeoutMs, clock=self.reactor,
+            events=self.session_events, on_accepted=lambda _: self.scheduler.trigger())
+        if s.features.etrnEnabled:
+            factory.etrn = self._etrn
+        return factory
+
+    def _max_size(self) -> int:
+        limit = self.config.smtp.limits.maxMessageSizeBytes
+        spool_limit = getattr(self.spool, "max_message_bytes", None)
+        return min(limit, spool_limit) if spool_limit else limit
+
+    def _etrn(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
+        if not arg:
+            return SmtpReply(501, "5.5.4", "Syntax: ETRN domain")
+        if session.session_info().auth_user is None:
+            return SmtpReply(530, "5.7.0", "Authentication required for ETRN")
+        if not self.trigger_gate.fire():
+            return SmtpReply(458, "4.3.0", "Unable to queue messages now, try again later")
+        return SmtpReply(250, "2.0.0", "Queuing started")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.config.smtp
+        for listener in s.effective_listeners():
+            factory = self.make_factory(listener)
+            if listener.implicitTls:
+                port = self.reactor.listenSSL(listener.port, factory, self.tls_context,
+                                              interface=listener.bindAddress)
+            else:
+                port = self.reactor.listenTCP(listener.port, factory,
+                                              interface=listener.bindAddress)
+            self.factories.append(factory)
+            self.ports.append(port)
+            log.info("listening for SMTP on {address}:{port}{tls}",
+                     address=listener.bindAddress, port=port.getHost().port,
+                     tls=" (implicit TLS)" if listener.implicitTls else "")
+        self.scheduler.start()
+        self._flush_mtime = self._flush_request_mtime()
+        self._flush_watch = self.reactor.callLater(1.0, self._watch_flush_requests)
+        self.on_started()
+
+    def on_started(self) -> None:
+        """Hook for management/systemd wiring once every listener is bound."""
+
+    def smtp_port(self, index: int = 0) -> int:
+        return int(self.ports[index].getHost().port)
+
+    def _flush_request_mtime(self) -> float:
+        try:
+            return os.stat(os.path.join(self.spool.directory, FLUSH_FILE)).st_mtime
+        except OSError:
+            return 0.0
+
+    def _watch_flush_requests(self) -> None:
+        """``kotlin-smtp queue flush`` touches a file in the spool; notice it within a second."""
+        try:
+            mtime = self._flush_request_mtime()
+            if mtime != self._flush_mtime:
+                self._flush_mtime = mtime
+                d = self.spool.retry_now(None)
+                d.addCallback(lambda n: log.info("queue flush requested: {n} entries due now",
+                                                 n=n, event="queue_flush"))
+                d.addCallback(lambda _: self.scheduler.trigger())
+                d.addErrback(lambda f: log.failure("queue flush failed", f))
+        finally:
+            if not self.shutting_down:
+                self._flush_watch = self.reactor.callLater(1.0, self._watch_flush_requests)
+
+    @defer.inlineCallbacks
+    def _graceful_stop(self) -> Any:
+        self.shutting_down = True
+        grace = self.config.smtp.lifecycle.gracefulShutdownTimeoutMs / 1000.0
+        log.info("shutting down: draining sessions for up to {grace}s", grace=grace,
+                 event="shutdown")
+        if self._flush_watch is not None and self._flush_watch.active():
+            self._flush_watch.cancel()
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        for f in self.factories:
+            f.begin_shutdown()
+        deadline = time.monotonic() + grace
+        while any(f.sessions for f in self.factories) and time.monotonic() < deadline:
+            yield _sleep(self.reactor, 0.05)
+        for f in self.factories:
+            if f.sessions:
+                log.warn("aborting {n} sessions after the grace period", n=len(f.sessions))
+            f.abort_all()
+        yield self.scheduler.stop(max(0.0, deadline - time.monotonic()) + 1.0)
+        self.spool.release_all()
+        log.info("shutdown complete", event="shutdown_complete")
+
+    def stopService(self) -> defer.Deferred[None]:
+        d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._graceful_stop())
+        return d
+
+
+def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+def build_service(config: Config) -> SmtpService:
+    return SmtpService(config)

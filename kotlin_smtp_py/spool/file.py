@@ -1,0 +1,540 @@
+"""File spool: one message file + one envelope file per queue entry, durable before the 250.
+
+Layout under ``smtp.spool.dir``::
+
+    tmp/      messages being received (``<id>.eml``) and envelope files being written
+    queue/    committed entries: ``<id>.eml`` (raw message) and ``<id>.json`` (QueueEntry)
+    locks/    ``<id>.lock``: flock(2) leases; the kernel drops them when a holder dies
+    corrupt/  entries whose envelope cannot be read, moved aside for an operator
+
+Invariants:
+- An entry exists exactly when ``queue/<id>.json`` exists. Commit writes and fsyncs both files in
+  ``tmp/``, renames the message, then the envelope, then fsyncs ``queue/``; only then does the
+  Deferred fire (and the client get its 250). Directory fsyncs are shared by concurrent commits
+  (group commit) and all fsyncs run in the reactor's thread pool, never on the reactor thread.
+- Every state change of an entry is an atomic rename of a fully written, fsync'd file.
+- A process may act on an entry only while it holds the entry's flock; several processes can
+  share one spool directory. The in-memory due index is refreshed by a periodic scan so entries
+  written by other processes are picked up.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id
+from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
+from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
+
+log = Logger()
+
+ORPHAN_AGE_SECONDS = 3600.0  # untouched tmp/orphan files older than this belong to dead writers
+WRITE_BUFFER = 256 * 1024
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupDirSync:
+    """Coalesces directory fsyncs: callers that arrive while one runs share the next one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if not self._running:
+                    self._running = True
+                    target = self._requested
+                    break
+                self._cond.wait()
+            else:
+                return
+        try:
+            _fsync_path(self.path)
+        finally:
+            with self._cond:
+                self._running = False
+                self._done = max(self._done, target)
+                self._cond.notify_all()
+
+
+@implementer(ISpoolWriter)
+class FileSpoolWriter:
+    """Streams one message into ``tmp/<id>.eml``; buffered writes, fsync only at commit."""
+
+    def __init__(self, spool: FileSpool, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self._spool = spool
+        self._path = os.path.join(spool.tmp_dir, queue_id + ".eml")
+        self._fh: Any = open(self._path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        self._size = 0
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise RuntimeError("writer already finished")
+        self._fh.write(data)
+        self._size += len(data)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred[QueueEntry]:
+        if self._done:
+            return defer.fail(RuntimeError("writer already finished"))
+        self._done = True
+        now = self._spool.clock_time()
+        entry = QueueEntry(queue_id=self.queue_id, envelope=envelope, pending=envelope.recipients,
+                           next_attempt=now, created=now)
+        fh, self._fh = self._fh, None
+        d = self._spool.run_in_thread(self._spool.commit_sync, fh, self._path, entry)
+
+        def done(_: object) -> QueueEntry:
+            self._spool.index_add(entry)
+            return entry
+
+        def failed(f: Any) -> Any:
+            self._spool.discard_sync_quietly(self._path)
+            return f
+
+        return d.addCallbacks(done, failed)
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+        self._spool.discard_sync_quietly(self._path)
+
+
+@dataclass
+class _Held:
+    token: str
+    fd: int
+
+
+@implementer(ISpool)
+class FileSpool:
+    """The default spool backend: a directory on local disk."""
+
+    def __init__(self, directory: str, clock: Any = None, scan_interval: float = 15.0,
+                 on_corrupt: Callable[[str], None] | None = None) -> None:
+        from twisted.internet import reactor
+
+        self.directory = os.path.abspath(directory)
+        self.tmp_dir = os.path.join(self.directory, "tmp")
+        self.queue_dir = os.path.join(self.directory, "queue")
+        self.lock_dir = os.path.join(self.directory, "locks")
+        self.corrupt_dir = os.path.join(self.directory, "corrupt")
+        for d in (self.tmp_dir, self.queue_dir, self.lock_dir, self.corrupt_dir):
+            os.makedirs(d, exist_ok=True)
+        self._reactor: Any = reactor
+        self.clock: Any = clock if clock is not None else reactor
+        self.scan_interval = scan_interval
+        self._on_corrupt = on_corrupt
+        self._index: dict[str, float] = {}
+        self._recent: set[str] = set()
+        self._held: dict[str, _Held] = {}
+        self._last_scan = float("-inf")
+        self._scanning: defer.Deferred[None] | None = None
+        self._queue_sync = _GroupDirSync(self.queue_dir)
+        self.max_message_bytes: int | None = None
+        self._merge_scan(self.scan_sync({}, initial=True))
+        self._last_scan = self.clock_time()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def clock_time(self) -> float:
+        return float(self.clock.seconds())
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if IReactorThreads.providedBy(self._reactor):
+            return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn,
+                                             *args)
+        return defer.maybeDeferred(fn, *args)
+
+    def _paths(self, queue_id: str) -> tuple[str, str, str]:
+        return (os.path.join(self.queue_dir, queue_id + ".eml"),
+                os.path.join(self.queue_dir, queue_id + ".json"),
+                os.path.join(self.lock_dir, queue_id + ".lock"))
+
+    def index_add(self, entry: QueueEntry) -> None:
+        self._index[entry.queue_id] = entry.next_attempt
+        self._recent.add(entry.queue_id)
+
+    @staticmethod
+    def discard_sync_quietly(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def _write_json_sync(self, entry: QueueEntry) -> str:
+        tmp = os.path.join(self.tmp_dir, f"{entry.queue_id}.{secrets.token_hex(4)}.json")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, entry.to_json_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def commit_sync(self, fh: Any, path: str, entry: QueueEntry) -> None:
+        """Thread: fsync the message, write the envelope, rename both into queue/, sync dir."""
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fh.close()
+        json_tmp = self._write_json_sync(entry)
+        eml, js, _ = self._paths(entry.queue_id)
+        os.rename(path, eml)
+        os.rename(json_tmp, js)
+        self._queue_sync.sync()
+
+    # -- ISpool: receiving ---------------------------------------------------------------------
+
+    def open_writer(self) -> FileSpoolWriter:
+        return FileSpoolWriter(self, new_queue_id())
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> defer.Deferred[QueueEntry]:
+        writer = self.open_writer()
+        writer.write(message)
+        return writer.commit(envelope)
+
+    # -- ISpool: scheduling --------------------------------------------------------------------
+
+    def due(self, now: float, limit: int) -> defer.Deferred[list[str]]:
+        d: defer.Deferred[None]
+        if now - self._last_scan >= self.scan_interval and self._scanning is None:
+            self._last_scan = now
+            self._recent = set()
+            d = self._scanning = self.run_in_thread(self.scan_sync, dict(self._index))
+            d.addCallback(self._merge_scan)
+
+            def clear(result: object) -> object:
+                self._scanning = None
+                return result
+
+            d.addBoth(clear)
+        else:
+            d = defer.succeed(None)
+
+        def pick(_: object) -> list[str]:
+            ready = ((t, qid) for qid, t in self._index.items()
+                     if t <= now and qid not in self._held)
+            return [qid for _, qid in heapq.nsmallest(limit, ready)]
+
+        return d.addCallback(pick)
+
+    def _merge_scan(self, scanned: dict[str, float]) -> None:
+        """Reactor thread: adopt a scan, keeping what this process changed while it ran."""
+        merged = {qid: self._index.get(qid, t) for qid, t in scanned.items()}
+        for qid in self._recent:
+            if qid in self._index:
+                merged[qid] = self._index[qid]
+        self._index = merged
+
+    def scan_sync(self, known: dict[str, float], initial: bool = False) -> dict[str, float]:
+        """Thread: list queue/ (picks up entries other processes wrote); returns id -> due."""
+        seen: dict[str, float] = {}
+        now = time.time()
+        with os.scandir(self.queue_dir) as it:
+            names = [e.name for e in it]
+        json_ids = {n[:-5] for n in names if n.endswith(".json")}
+        for qid in json_ids:
+            if qid in known:
+                seen[qid] = known[qid]
+                continue
+            entry = self._read_entry_sync(qid)
+            if entry is not None:
+                seen[qid] = entry.next_attempt
+        if initial:
+            self._cleanup_orphans_sync(names, json_ids, now)
+        return seen
+
+    def _cleanup_orphans_sync(self, names: list[str], json_ids: set[str], now: float) -> None:
+        """Remove files of crashed commits/deletes (never acknowledged) once clearly stale."""
+        for name in names:
+            if name.endswith(".eml") and name[:-4] not in json_ids:
+                self._remove_if_stale(os.path.join(self.queue_dir, name), now)
+        with os.scandir(self.tmp_dir) as it:
+            for e in it:
+                self._remove_if_stale(e.path, now)
+
+    @staticmethod
+    def _remove_if_stale(path: str, now: float) -> None:
+        try:
+            if now - os.stat(path).st_mtime > ORPHAN_AGE_SECONDS:
+                os.unlink(path)
+                log.info("removed stale spool file {path}", path=path)
+        except OSError:
+            pass
+
+    def _read_entry_sync(self, queue_id: str) -> QueueEntry | None:
+        _, js, _ = self._paths(queue_id)
+        try:
+            with open(js, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            return None
+        try:
+            entry = QueueEntry.from_json_bytes(raw)
+            if entry.queue_id != queue_id:
+                raise ValueError("queue id mismatch")
+            return entry
+        except (ValueError, KeyError, TypeError) as exc:
+            self._move_corrupt_sync(queue_id, str(exc))
+            return None
+
+    def _move_corrupt_sync(self, queue_id: str, why: str) -> None:
+        for path in self._paths(queue_id)[:2]:
+            try:
+                os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
+            except OSError:
+                pass
+        log.error("corrupt spool entry {queue_id} moved to corrupt/: {why}", queue_id=queue_id,
+                  why=why)
+        self._reactor.callFromThread(self._forget_corrupt, queue_id)
+
+    def _forget_corrupt(self, queue_id: str) -> None:
+        self._index.pop(queue_id, None)
+        if self._on_corrupt is not None:
+            self._on_corrupt(queue_id)
+
+    # -- ISpool: leases ------------------------------------------------------------------------
+
+    def _lock_sync(self, queue_id: str) -> int | None:
+        _, js, lock = self._paths(queue_id)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return None
+            raise
+        if not os.path.exists(js):  # completed by someone else between scan and lock
+            os.close(fd)
+            return None
+        return fd
+
+    def _claim_sync(self, queue_id: str) -> tuple[Claim, int] | bool:
+        """Thread: the claim and its lock fd, or False when the entry is gone, True if locked."""
+        fd = self._lock_sync(queue_id)
+        if fd is None:
+            return os.path.exists(self._paths(queue_id)[1])
+        entry = self._read_entry_sync(queue_id)
+        if entry is None:
+            os.close(fd)
+            return False
+        return Claim(entry, secrets.token_hex(8), self._paths(queue_id)[0]), fd
+
+    def claim(self, queue_id: str) -> defer.Deferred[Claim | None]:
+        if queue_id in self._held or not is_queue_id(queue_id):
+            return defer.succeed(None)
+
+        def done(result: tuple[Claim, int] | bool) -> Claim | None:
+            if isinstance(result, bool):
+                if not result:
+                    self._index.pop(queue_id, None)
+                return None
+            claim, fd = result
+            self._held[queue_id] = _Held(claim.token, fd)
+            return claim
+
+        return self.run_in_thread(self._claim_sync, queue_id).addCallback(done)
+
+    def _check(self, claim: Claim) -> _Held:
+        held = self._held.get(claim.entry.queue_id)
+        if held is None or held.token != claim.token:
+            raise LookupError(f"lease on {claim.entry.queue_id} is not held")
+        return held
+
+    def _complete_sync(self, claim: Claim, held: _Held) -> None:
+        eml, js, lock = self._paths(claim.entry.queue_id)
+        try:
+            os.unlink(js)
+            self._queue_sync.sync()
+            self.discard_sync_quietly(eml)
+            self.discard_sync_quietly(lock)
+        finally:
+            os.close(held.fd)
+
+    def complete(self, claim: Claim) -> defer.Deferred[None]:
+        try:
+            held = self._check(claim)
+        except LookupError as exc:
+            return defer.fail(exc)
+        qid = claim.entry.queue_id
+
+        def done(result: object) -> object:
+            self._held.pop(qid, None)
+            self._index.pop(qid, None)
+            return result
+
+        return self.run_in_thread(self._complete_sync, claim, held).addBoth(done)
+
+    def _update_sync(self, entry: QueueEntry) -> None:
+        tmp = self._write_json_sync(entry)
+        os.rename(tmp, self._paths(entry.queue_id)[1])
+        self._queue_sync.sync()
+
+    def _reschedule_sync(self, entry: QueueEntry, held: _Held) -> None:
+        try:
+            self._update_sync(entry)
+        finally:
+            os.close(held.fd)
+
+    def reschedule(self, claim: Claim, entry: QueueEntry) -> defer.Deferred[None]:
+        try:
+            held = self._check(claim)
+        except LookupError as exc:
+            return defer.fail(exc)
+        qid = claim.entry.queue_id
+
+        def done(result: object) -> object:
+            self._held.pop(qid, None)
+            self._index[qid] = entry.next_attempt
+            return result
+
+        return self.run_in_thread(self._reschedule_sync, entry, held).addBoth(done)
+
+    def release(self, claim: Claim) -> defer.Deferred[None]:
+        held = self._held.get(claim.entry.queue_id)
+        if held is not None and held.token == claim.token:
+            del self._held[claim.entry.queue_id]
+            os.close(held.fd)
+        return defer.succeed(None)
+
+    def release_all(self) -> None:
+        """Drop every lease (shutdown): the entries stay queued for the next run."""
+        for held in self._held.values():
+            os.close(held.fd)
+        self._held.clear()
+
+    # -- ISpool: inspection and operator actions -----------------------------------------------
+
+    def pending_count(self) -> int:
+        return len(self._index)
+
+    def _list_sync(self) -> list[QueueSummary]:
+        out = []
+        with os.scandir(self.queue_dir) as it:
+            ids = sorted(e.name[:-5] for e in it if e.name.endswith(".json"))
+        for qid in ids:
+            entry = self._read_entry_sync(qid)
+            if entry is None:
+                continue
+            env = entry.envelope
+            out.append(QueueSummary(qid, env.sender, tuple(r.address for r in entry.pending),
+                                    env.size, entry.attempts, entry.next_attempt, entry.created,
+                                    entry.last_error))
+        return out
+
+    def list_entries(self) -> defer.Deferred[list[QueueSummary]]:
+        return self.run_in_thread(self._list_sync)
+
+    def get(self, queue_id: str) -> defer.Deferred[QueueEntry | None]:
+        if not is_queue_id(queue_id):
+            return defer.succeed(None)
+        return self.run_in_thread(self._read_entry_sync, queue_id)
+
+    def _read_message_sync(self, queue_id: str) -> bytes | None:
+        try:
+            with open(self._paths(queue_id)[0], "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def read_message(self, queue_id: str) -> defer.Deferred[bytes | None]:
+        if not is_queue_id(queue_id):
+            return defer.succeed(None)
+        return self.run_in_thread(self._read_message_sync, queue_id)
+
+    def _delete_sync(self, queue_id: str) -> bool:
+        fd = self._lock_sync(queue_id)
+        if fd is None:
+            return False
+        self._complete_sync(Claim(QueueEntry(queue_id, Envelope("", ()), ()), "", ""),
+                            _Held("", fd))
+        return True
+
+    def delete(self, queue_id: str) -> defer.Deferred[bool]:
+        if not is_queue_id(queue_id) or queue_id in self._held:
+            return defer.succeed(False)
+
+        def done(ok: bool) -> bool:
+            if ok:
+                self._index.pop(queue_id, None)
+            return ok
+
+        return self.run_in_thread(self._delete_sync, queue_id).addCallback(done)
+
+    def _retry_sync(self, ids: list[str], now: float) -> list[str]:
+        changed = []
+        for qid in ids:
+            fd = self._lock_sync(qid)
+            if fd is None:
+                continue
+            try:
+                entry = self._read_entry_sync(qid)
+                if entry is not None:
+                    self._update_sync(entry.evolve(next_attempt=now))
+                    changed.append(qid)
+            finally:
+                os.close(fd)
+        return changed
+
+    def retry_now(self, queue_id: str | None) -> defer.Deferred[int]:
+        if queue_id is not None and not is_queue_id(queue_id):
+            return defer.succeed(0)
+        now = self.clock_time()
+
+        def ids() -> list[str]:
+            if queue_id is not None:
+                return [queue_id]
+            with os.scandir(self.queue_dir) as it:
+                return [e.name[:-5] for e in it if e.name.endswith(".json")]
+
+        def done(changed: list[str]) -> int:
+            for qid in changed:
+                self._index[qid] = now
+            return len(changed)
+
+        return self.run_in_thread(lambda: self._retry_sync(ids(), now)).addCallback(done)
+
+    def healthy(self) -> defer.Deferred[tuple[bool, str]]:
+        if not os.access(self.queue_dir, os.W_OK):
+            return defer.succeed((False, f"{self.queue_dir} is not writable"))
+        return defer.succeed((True, "ok"))

@@ -1,0 +1,266 @@
+"""The delivery scheduler: a reactor-driven loop that takes due spool entries and delivers them.
+
+- A ``LoopingCall`` (injectable clock) ticks every ``tick_seconds``; ``trigger()`` asks for an
+  immediate run; triggers that arrive while a run is pending or running coalesce into one.
+- ``workerConcurrency`` bounds entries delivered at once. Each entry is claimed (leased) first;
+  its pending recipients are grouped by route and each group goes through one delivery.
+- Outcomes: delivered and permanently failed recipients leave the entry; transient ones stay and
+  the entry is rescheduled with ``retryDelaySeconds × 2^(attempt−1)`` capped at 600 s, ±20 %
+  jitter; after ``maxRetries`` transient runs they are given up. Every failed or given-up
+  recipient is reported in one DSN per message per run, and the DSN is durably queued *before*
+  the recipients are removed from the entry, so no failure path ends in silence.
+- A tick that raises is logged and the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from kotlin_smtp_py.envelope import Recipient
+from kotlin_smtp_py.interfaces import IRouter, ISpool
+from kotlin_smtp_py.spool.record import Claim, QueueEntry
+from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
+
+log = Logger()
+
+MAX_RETRY_DELAY = 600.0
+JITTER = 0.2
+Result = tuple[Recipient, DeliveryStatus]
+
+
+def retry_delay(base_seconds: float, attempt: int, rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, ±20 % jitter."""
+    raw = min(base_seconds * (2 ** max(attempt - 1, 0)), MAX_RETRY_DELAY)
+    r = (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    return raw * r
+
+
+def gave_up(status: DeliveryStatus, attempts: int) -> DeliveryStatus:
+    """A transient failure turned permanent after the last retry (RFC 3463 5.4.7)."""
+    return DeliveryStatus(550, "5.4.7", f"delivery time expired after {attempts} attempts: "
+                          f"{status.text}", FailureKind.PERMANENT, status.reason,
+                          status.remote_mta, status.diagnostic)
+
+
+class SpoolEvents:
+    """Observer for delivery outcomes (metrics adapt this); default methods do nothing."""
+
+    def delivery_result(self, entry: QueueEntry, recipient: Recipient,
+                        status: DeliveryStatus) -> None: ...
+    def retry_scheduled(self, entry: QueueEntry, delay: float) -> None: ...
+    def entry_finished(self, entry: QueueEntry, outcome: str, age: float) -> None: ...
+    def recipients_dropped(self, entry: QueueEntry, count: int) -> None: ...
+
+
+class Bouncer:
+    """Builds and queues delivery status notifications (interface used by the scheduler)."""
+
+    def notify(self, entry: QueueEntry, message_path: str, results: Sequence[Result],
+               action: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class Scheduler:
+    def __init__(self, spool: ISpool, router: IRouter, bouncer: Bouncer, *, max_retries: int,
+                 retry_delay_seconds: float, concurrency: int, clock: Any = None,
+                 tick_seconds: float = 1.0, events: SpoolEvents | None = None,
+                 rng: random.Random | None = None) -> None:
+        from twisted.internet import reactor
+
+        self.spool = spool
+        self.router = router
+        self.bouncer = bouncer
+        self.max_retries = max_retries
+        self.retry_delay_seconds = retry_delay_seconds
+        self.concurrency = max(1, concurrency)
+        self.clock: Any = clock if clock is not None else reactor
+        self.tick_seconds = tick_seconds
+        self.events = events or SpoolEvents()
+        self.rng = rng or random.Random()
+        self._loop: task.LoopingCall | None = None
+        self._running = False
+        self._again = False
+        self._pending_call: Any = None
+        self._in_flight: dict[str, defer.Deferred[None]] = {}
+        self._stopping = False
+        self.paused = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.tick_seconds, now=True)
+
+    def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
+        """Stop picking work; wait for in-flight deliveries up to ``timeout``, then release."""
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._pending_call is not None and self._pending_call.active():
+            self._pending_call.cancel()
+        waiting = list(self._in_flight.values())
+        if not waiting:
+            return defer.succeed(None)
+        d: defer.Deferred[Any] = defer.DeferredList(waiting, consumeErrors=True)
+        d.addTimeout(timeout, self.clock)
+        d.addErrback(lambda _: log.warn("shutdown: {n} deliveries still running; their leases "
+                                        "are released and the entries stay queued",
+                                        n=len(self._in_flight)))
+        return d.addCallback(lambda _: None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- triggering ----------------------------------------------------------------------------
+
+    def trigger(self) -> None:
+        """Run as soon as possible; coalesces with a pending or running pass."""
+        if self._stopping:
+            return
+        if self._running:
+            self._again = True
+            return
+        if self._pending_call is None or not self._pending_call.active():
+            self._pending_call = self.clock.callLater(0, self._tick)
+
+    def _tick(self) -> defer.Deferred[None] | None:
+        if self._running or self._stopping or self.paused:
+            if self._running:
+                self._again = True
+            return None
+        self._running = True
+        d = defer.Deferred.fromCoroutine(self._run_pass())
+
+        def finished(result: object) -> None:
+            self._running = False
+            if self._again and not self._stopping:
+                self._again = False
+                self.trigger()
+
+        def failed(f: Any) -> None:
+            log.failure("spool pass failed; will retry on the next tick", f)
+
+        d.addErrback(failed).addBoth(finished)
+        return None
+
+    async def _run_pass(self) -> None:
+        free = self.concurrency - len(self._in_flight)
+        if free <= 0:
+            return
+        now = float(self.clock.seconds())
+        ids: list[str] = await self.spool.due(now, free * 2)
+        for qid in ids:
+            if len(self._in_flight) >= self.concurrency or self._stopping:
+                break
+            if qid in self._in_flight:
+                continue
+            claim = await self.spool.claim(qid)
+            if claim is None:
+                continue
+            d = defer.Deferred.fromCoroutine(self._process(claim))
+            self._in_flight[qid] = d
+            d.addBoth(self._done, qid)
+
+    def _done(self, result: object, qid: str) -> None:
+        self._in_flight.pop(qid, None)
+        if isinstance(result, defer.failure.Failure):  # type: ignore[attr-defined]
+            log.failure("delivery of {queue_id} failed unexpectedly", result, queue_id=qid)
+        if not self._stopping:
+            self.trigger()
+
+    # -- one entry -----------------------------------------------------------------------------
+
+    async def _deliver_groups(self, claim: Claim) -> list[Result]:
+        groups: dict[str, tuple[Any, list[Recipient]]] = {}
+        for rcpt in claim.entry.pending:
+            key, delivery = self.router.route(rcpt)
+            groups.setdefault(key, (delivery, []))[1].append(rcpt)
+        results: list[Result] = []
+        for key, (delivery, rcpts) in groups.items():
+            try:
+                got: list[Result] = await delivery.deliver(claim.entry, claim.message_path, rcpts)
+            except Exception as exc:  # a delivery must not raise; treat as transient if it does
+                log.failure("delivery to {route} raised", route=key)
+                got = [(r, DeliveryStatus.transient(Reason.OTHER, f"internal error: {exc}",
+                                                    "4.3.0")) for r in rcpts]
+            answered = {r.address for r, _ in got}
+            got += [(r, DeliveryStatus.transient(Reason.OTHER, "no result from delivery",
+                                                 "4.3.0"))
+                    for r in rcpts if r.address not in answered]
+            results.extend(got)
+        return results
+
+    async def _process(self, claim: Claim) -> None:
+        entry = claim.entry
+        try:
+            results = await self._deliver_groups(claim)
+        except Exception:
+            log.failure("delivery of {queue_id} failed", queue_id=entry.queue_id)
+            await self.spool.release(claim)
+            return
+        now = float(self.clock.seconds())
+        attempt = entry.attempts + 1
+        delivered: list[Result] = []
+        failed: list[Result] = []
+        retry: list[Result] = []
+        for rcpt, status in results:
+            self.events.delivery_result(entry, rcpt, status)
+            log.info("delivery {queue_id} to {recipient}: {status} {reason}",
+                     queue_id=entry.queue_id, recipient=rcpt.address,
+                     status=f"{status.code} {status.enhanced} {status.text}",
+                     reason="" if status.ok else status.reason.value, attempt=attempt,
+                     event="delivery_attempt")
+            if status.ok:
+                delivered.append((rcpt, status))
+            elif status.kind is FailureKind.PERMANENT:
+                failed.append((rcpt, status))
+            elif attempt > self.max_retries:
+                failed.append((rcpt, gave_up(status, attempt)))
+            else:
+                retry.append((rcpt, status))
+        try:
+            if failed:
+                await self.bouncer.notify(entry, claim.message_path, failed, "failed")
+        except Exception:
+            # The notice is not durable yet: keep every recipient and try the whole run again.
+            log.failure("could not queue DSN for {queue_id}; retrying later",
+                        queue_id=entry.queue_id)
+            delay = retry_delay(self.retry_delay_seconds, max(attempt, 1), self.rng)
+            await self.spool.reschedule(claim, entry.evolve(next_attempt=now + delay))
+            return
+        # Success and delay notices are courtesy: a failure to queue one is logged, not retried.
+        fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified]
+        for action, group in (("delivered", delivered), ("delayed", fresh_delay)):
+            if group:
+                try:
+                    await self.bouncer.notify(entry, claim.message_path, group, action)
+                except Exception:
+                    log.failure("could not queue {action} notice for {queue_id}",
+                                action=action, queue_id=entry.queue_id)
+        if failed:
+            self.events.recipients_dropped(entry, len(failed))
+        age = max(0.0, now - entry.created)
+        if not retry:
+            await self.spool.complete(claim)
+            outcome = "completed" if not failed else ("dropped" if not delivered else "other")
+            self.events.entry_finished(entry, outcome, age)
+            log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id, outcome=outcome,
+                     event="entry_finished")
+            return
+        delay = retry_delay(self.retry_delay_seconds, attempt, self.rng)
+        remaining = tuple(r for r, _ in retry)
+        notified = tuple(sorted({*entry.delayed_notified, *(r.address for r, _ in retry)}))
+        updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
+                               last_error=retry[0][1].text[:500], delayed_notified=notified)
+        await self.spool.reschedule(claim, updated)
+        self.events.retry_scheduled(entry, delay)
+        log.info("deferred {queue_id}: {n} recipient(s) retry in {delay:.0f}s (attempt {attempt})",
+                 queue_id=entry.queue_id, n=len(remaining), delay=delay, attempt=attempt,
+                 event="retry_scheduled")

@@ -1,0 +1,56 @@
+"""Glue for ``twistd smtp``: load and validate the config, refuse to start on any error, attach
+our log observer to the twistd application (an explicit ``--logger`` still wins)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger
+
+from kotlin_smtp_py import config as cfg
+
+log = Logger()
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default-config.yaml")
+
+
+def load_or_exit(path: str | None) -> cfg.Config:
+    path = path or DEFAULT_CONFIG
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as exc:
+        sys.stderr.write(f"kotlin-smtp: {path}: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def make_service(config_path: str | None) -> Any:
+    config = load_or_exit(config_path)
+    from kotlin_smtp_py.service import build_service
+
+    try:
+        svc = build_service(config)
+    except Exception as exc:
+        sys.stderr.write(f"kotlin-smtp: cannot start: {exc}\n")
+        raise SystemExit(1) from None
+    for warning in cfg.warnings(config):
+        sys.stderr.write(f"kotlin-smtp: warning: {warning}\n")
+    return _WithLogObserver(svc, config)
+
+
+class _WithLogObserver:
+    """Wraps the service so that, when twistd parents it, our observer becomes the app's."""
+
+    def __init__(self, svc: Any, config: cfg.Config) -> None:
+        self._svc = svc
+        self._config = config
+
+    def setServiceParent(self, parent: Any) -> Any:
+        from kotlin_smtp_py.log import configure_logging
+
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, configure_logging(self._config.logging))
+        return self._svc.setServiceParent(parent)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._svc, name)
