@@ -59,6 +59,22 @@ zone = [
 class DnsPorts:
     port: int  # authoritative server for .test (UDP + TCP)
     silent_port: int  # a UDP socket that never answers
+    servfail_port: int  # a UDP server answering every query with SERVFAIL
+
+
+def _servfail_protocol() -> Any:
+    from twisted.internet.protocol import DatagramProtocol
+    from twisted.names import dns
+
+    class ServFail(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            query = dns.Message()
+            query.fromStr(data)
+            reply = dns.Message(id=query.id, answer=1, rCode=dns.ESERVER)
+            reply.queries = query.queries
+            self.transport.write(reply.toStr(), addr)
+
+    return ServFail()
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +93,13 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsPorts]:
         factory.noisy = False
         udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-        return [udp, tcp]
+        servfail = reactor.listenUDP(0, _servfail_protocol(), interface="127.0.0.1")
+        return [udp, tcp, servfail]
 
     ports = on_reactor(listen)
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
-    yield DnsPorts(port, silent.getsockname()[1])
+    yield DnsPorts(port, silent.getsockname()[1], ports[2].getHost().port)
     silent.close()
     on_reactor(lambda: defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports]))
 
