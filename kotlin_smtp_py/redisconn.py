@@ -32,6 +32,7 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import RedisConfig
@@ -260,6 +261,24 @@ class RedisClient:
         from twisted.internet import task
 
         deadline = self.clock.seconds() + timeout
+        first = self._factory.deferred
+        if first is not None and not self.connected:
+            # fires when the first connection is ready; never cancel txredisapi's own Deferred
+            ready: defer.Deferred[Any] = defer.Deferred()
+
+            def fired(result: Any) -> None:
+                if not ready.called:
+                    ready.callback(result)
+
+            first.addBoth(fired)  # also consumes a connection error (e.g. AUTH refused)
+            ready.addTimeout(timeout, self.clock)
+            try:
+                result = await ready
+            except defer.TimeoutError:
+                result = None
+            if isinstance(result, Failure):
+                raise RedisUnavailable(f"Redis at {self.target.describe()} refused the "
+                                       f"connection: {result.getErrorMessage()}")
         reason = "no answer"
         while True:
             ok, reason = await self.ping()
