@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 from helpers import CertSet, free_port, on_reactor, start_reactor
+from outbound_sink import Behaviour, SinkFactory, server_tls
 from twisted.internet import defer
 
 from kotlin_smtp_py.config import DnsConfig, OutboundTlsConfig, RelayConfig, SmtpConfig
 from kotlin_smtp_py.envelope import Envelope, Recipient
 from kotlin_smtp_py.spool.record import QueueEntry
-
-from outbound_sink import Behaviour, SinkFactory, server_tls
 
 ZONE = """
 zone = [
