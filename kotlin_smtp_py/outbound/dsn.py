@@ -108,7 +108,7 @@ def _status_fields(entry: QueueEntry, results: list[tuple[Recipient, DeliverySta
             block.append(f"Diagnostic-Code: {_clean(diag)}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
         blocks.append(block)
-    return "".join("\r\n".join(b) + "\r\n\r\n" for b in blocks)
+    return "\r\n\r\n".join("\r\n".join(b) for b in blocks) + "\r\n"
 
 
 def _headers_only(original: bytes) -> bytes:
