@@ -198,3 +198,12 @@ def test_shipped_configs_load(source: str, tmp_path: Path) -> None:
            for k in ("SPOOL", "MAILBOX", "TEMP", "LISTS")}
     config = load_text(text, env)
     assert config.management.endpoint.health.probes.enabled
+
+
+def test_operations_doc_names_every_metric_and_probe() -> None:
+    text = (PACKAGING.parent / "docs" / "OPERATIONS.md").read_text()
+    for name in METRIC_NAMES:
+        assert f"`{name}`" in text, name
+    for path in ("/actuator/health/liveness", "/actuator/health/readiness", "/livez", "/readyz",
+                 "/actuator/prometheus", "/metrics", "/actuator/info"):
+        assert path in text, path
