@@ -159,12 +159,12 @@ def make_config(dns_server: DnsPorts, sinks: Sinks, certs: CertSet) -> Callable[
     return make
 
 
-def make_entry(tmp_path: Path, recipients: list[str | Recipient], body: bytes,
+def make_entry(tmp_path: Path, recipients: list[str | Recipient], data: bytes,
                sender: str = "sender@origin.test", **envelope: Any) -> tuple[QueueEntry, str]:
     rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r) for r in recipients)
     path = tmp_path / "message.eml"
-    path.write_bytes(body)
-    env = Envelope(sender=sender, recipients=rcpts, size=len(body), **envelope)
+    path.write_bytes(data)
+    env = Envelope(sender=sender, recipients=rcpts, size=len(data), **envelope)
     return QueueEntry("Q1TESTQUEUEID", env, rcpts), str(path)
 
 
