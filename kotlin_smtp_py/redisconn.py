@@ -127,6 +127,20 @@ def _tls_options(target: RedisTarget) -> Any:
     return ssl.optionsForClientTLS(target.host, trustRoot=trust)
 
 
+def _set_nodelay(conn: Any) -> None:
+    """Disable Nagle: commands are small writes, and a delayed ACK would add ~40 ms to each."""
+    conn._kotlin_nodelay = True
+    transport = conn.transport
+    for _ in range(3):  # TLS wraps the TCP transport
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except Exception:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+
+
 class LuaScript:
     """A Lua script run by SHA1 (EVALSHA) with an EVAL fallback on NOSCRIPT."""
 
@@ -188,6 +202,8 @@ class RedisClient:
             raise RedisUnavailable("redis client is closed")
         for conn in list(self._factory.pool):
             if getattr(conn, "connected", 0):
+                if not getattr(conn, "_kotlin_nodelay", False):
+                    _set_nodelay(conn)
                 return conn
         raise RedisUnavailable(f"not connected to {self.target.describe()}")
 
