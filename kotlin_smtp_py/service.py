@@ -9,7 +9,6 @@ or have their leases released (entries stay queued), then the process exits 0.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -31,9 +30,6 @@ from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
 from kotlin_smtp_py.status import SmtpReply
 
 log = Logger()
-
-FLUSH_FILE = "flush.request"
-
 
 def build_tls_context(config: Config) -> Any:
     """Server TLS options from ``smtp.ssl`` (cert chain + key, minimum version, ciphers)."""
@@ -208,8 +204,7 @@ class SmtpService(service.MultiService):
                      address=listener.bindAddress, port=port.getHost().port,
                      tls=" (implicit TLS)" if listener.implicitTls else "")
         self.scheduler.start()
-        self._flush_mtime = self._flush_request_mtime()
-        self._flush_watch = self.reactor.callLater(1.0, self._watch_flush_requests)
+        self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
         self.on_started()
 
     def on_started(self) -> None:
@@ -218,26 +213,23 @@ class SmtpService(service.MultiService):
     def smtp_port(self, index: int = 0) -> int:
         return int(self.ports[index].getHost().port)
 
-    def _flush_request_mtime(self) -> float:
+    def _watch_requests(self) -> None:
+        """Operator commands (``kotlin-smtp queue flush|retry``) leave requests in the spool."""
+        poll = getattr(self.spool, "poll_requests", None)
+        if poll is None:
+            return
         try:
-            return os.stat(os.path.join(self.spool.directory, FLUSH_FILE)).st_mtime
-        except OSError:
-            return 0.0
-
-    def _watch_flush_requests(self) -> None:
-        """``kotlin-smtp queue flush`` touches a file in the spool; notice it within a second."""
-        try:
-            mtime = self._flush_request_mtime()
-            if mtime != self._flush_mtime:
-                self._flush_mtime = mtime
-                d = self.spool.retry_now(None)
-                d.addCallback(lambda n: log.info("queue flush requested: {n} entries due now",
-                                                 n=n, event="queue_flush"))
-                d.addCallback(lambda _: self.scheduler.trigger())
-                d.addErrback(lambda f: log.failure("queue flush failed", f))
+            d = poll()
+            d.addCallback(self._requests_applied)
+            d.addErrback(lambda f: log.failure("applying queue requests failed", f))
         finally:
             if not self.shutting_down:
-                self._flush_watch = self.reactor.callLater(1.0, self._watch_flush_requests)
+                self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
+
+    def _requests_applied(self, count: int) -> None:
+        if count:
+            log.info("operator request: {n} entries due now", n=count, event="queue_flush")
+            self.scheduler.trigger()
 
     @defer.inlineCallbacks
     def _graceful_stop(self) -> Any:
@@ -245,8 +237,8 @@ class SmtpService(service.MultiService):
         grace = self.config.smtp.lifecycle.gracefulShutdownTimeoutMs / 1000.0
         log.info("shutting down: draining sessions for up to {grace}s", grace=grace,
                  event="shutdown")
-        if self._flush_watch is not None and self._flush_watch.active():
-            self._flush_watch.cancel()
+        if self._request_watch is not None and self._request_watch.active():
+            self._request_watch.cancel()
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports])
         for f in self.factories:
             f.begin_shutdown()

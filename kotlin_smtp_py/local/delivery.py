@@ -87,8 +87,9 @@ class LocalDelivery:
             prefix = (b"Return-Path: <" + _header_addr(env.sender) + b">\r\n"
                       + b"Delivered-To: " + _header_addr(rcpt.address) + b"\r\n")
             fresh = write_maildir(self.directory.maildir(name),
-                                  maildir_name(entry.queue_id, f"{rcpt.address}/{name}",
-                                               env.received_at),
+                                  # One copy per mailbox per message, like Postfix's local(8)
+                                  # duplicate elimination (alice, alice+tag, lists with alice).
+                                  maildir_name(entry.queue_id, name, env.received_at),
                                   prefix, message_path)
             log.info("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
                      queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,

@@ -43,14 +43,12 @@ class LocalDirectory:
 
     def resolve(self, local: str) -> str | None:
         """The canonical local name for ``local`` (``alice+tag`` → ``alice``), or None."""
-        name = safe_name(local)
-        if name is None:
-            return None
-        if self._known(name):
-            return name
-        base, sep, _ = name.partition(RECIPIENT_DELIMITER)
-        if sep and base and self._known(base):
-            return base
+        lowered = local.lower()
+        base, sep, _ = lowered.partition(RECIPIENT_DELIMITER)
+        for candidate in (lowered, base) if sep else (lowered,):
+            name = safe_name(candidate)
+            if name is not None and self._known(name):
+                return name
         return None
 
     def maildir(self, name: str) -> str:

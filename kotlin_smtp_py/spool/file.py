@@ -156,7 +156,9 @@ class FileSpool:
         self.queue_dir = os.path.join(self.directory, "queue")
         self.lock_dir = os.path.join(self.directory, "locks")
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
-        for d in (self.tmp_dir, self.queue_dir, self.lock_dir, self.corrupt_dir):
+        self.request_dir = os.path.join(self.directory, "requests")
+        for d in (self.tmp_dir, self.queue_dir, self.lock_dir, self.corrupt_dir,
+                  self.request_dir):
             os.makedirs(d, exist_ok=True)
         self._reactor: Any = reactor
         self.clock: Any = clock if clock is not None else reactor
@@ -533,6 +535,53 @@ class FileSpool:
             return len(changed)
 
         return self.run_in_thread(lambda: self._retry_sync(ids(), now)).addCallback(done)
+
+    # -- requests from operator commands in other processes ------------------------------------
+
+    def request_retry(self, queue_id: str | None) -> None:
+        """Ask a running server sharing this directory to retry one entry (or all) now."""
+        name = "flush" if queue_id is None else f"retry-{queue_id}"
+        if queue_id is not None and not is_queue_id(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        path = os.path.join(self.request_dir, name)
+        with open(path, "a"):
+            pass
+        os.utime(path)
+
+    def last_flush_request(self) -> float:
+        times = [0.0]
+        for name in ("flush", "flush.done"):
+            try:
+                times.append(os.stat(os.path.join(self.request_dir, name)).st_mtime)
+            except OSError:
+                pass
+        return max(times)
+
+    def _take_requests_sync(self) -> list[str | None]:
+        taken: list[str | None] = []
+        with os.scandir(self.request_dir) as it:
+            names = [e.name for e in it]
+        for name in names:
+            if name == "flush":
+                taken.append(None)
+                # flush.done keeps the request time: the CLI's cooldown clock.
+                os.replace(os.path.join(self.request_dir, name),
+                           os.path.join(self.request_dir, "flush.done"))
+            elif name.startswith("retry-") and is_queue_id(name[6:]):
+                taken.append(name[6:])
+                self.discard_sync_quietly(os.path.join(self.request_dir, name))
+        return taken
+
+    def poll_requests(self) -> defer.Deferred[int]:
+        """Apply pending operator requests; returns how many entries were made due."""
+        @defer.inlineCallbacks
+        def apply(requests: list[str | None]) -> Any:
+            total = 0
+            for qid in requests:
+                total += yield self.retry_now(qid)
+            return total
+
+        return self.run_in_thread(self._take_requests_sync).addCallback(apply)
 
     def healthy(self) -> defer.Deferred[tuple[bool, str]]:
         if not os.access(self.queue_dir, os.W_OK):

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import IRouter, ISpool
@@ -170,7 +171,7 @@ class Scheduler:
 
     def _done(self, result: object, qid: str) -> None:
         self._in_flight.pop(qid, None)
-        if isinstance(result, defer.failure.Failure):  # type: ignore[attr-defined]
+        if isinstance(result, Failure):
             log.failure("delivery of {queue_id} failed unexpectedly", result, queue_id=qid)
         if not self._stopping:
             self.trigger()

@@ -1,0 +1,180 @@
+"""Operator commands: ``kotlin-smtp check-config|hash-password|queue ...``.
+
+``queue`` works on the spool the config selects (like ``mailq``/``postqueue``/``postsuper``);
+a running server sharing the spool picks up ``flush``/``retry`` requests within a second.
+Exit codes: 0 ok, 1 not found / failed, 2 usage or config error, 75 temporarily unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kotlin_smtp_py import config as cfg
+
+EX_TEMPFAIL = 75
+DEFAULT_CONFIG = os.environ.get("KOTLIN_SMTP_CONFIG", "/etc/kotlin-smtp/config.yaml")
+
+
+def _load(path: str) -> cfg.Config:
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    print(cfg.dump_effective(config), end="")
+    for warning in cfg.warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.file}: configuration OK", file=sys.stderr)
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from kotlin_smtp_py.inbound.auth import hash_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("passwords do not match", file=sys.stderr)
+            return 2
+    if not password:
+        print("empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password, rounds=args.rounds))
+    return 0
+
+
+def _fmt_time(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S")
+
+
+def _open_spool(config: cfg.Config) -> Any:
+    if cfg.spool_backend(config) == "redis":
+        from kotlin_smtp_py.spool.redis import open_spool_for_cli  # type: ignore[attr-defined]
+
+        return open_spool_for_cli(config)
+    from kotlin_smtp_py.spool.file import FileSpool
+
+    return FileSpool(config.smtp.spool.dir, scan_interval=float("inf"))
+
+
+async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
+    from twisted.internet import defer
+
+    spool = _open_spool(config)
+    if hasattr(spool, "start"):
+        await defer.maybeDeferred(spool.start)
+    action = args.action
+    if action == "list":
+        entries = await spool.list_entries()
+        for e in entries:
+            print(f"{e.queue_id}  {e.size:>9}  {_fmt_time(e.created)}  <{e.sender}>  "
+                  f"attempts={e.attempts} next={_fmt_time(e.next_attempt)}")
+            for rcpt in e.recipients:
+                print(f"{'':24}{rcpt}")
+            if e.last_error:
+                print(f"{'':24}({e.last_error})")
+        print(f"-- {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in queue")
+        return 0
+    if action == "show":
+        entry = await spool.get(args.id)
+        if entry is None:
+            print(f"{args.id}: no such queue entry", file=sys.stderr)
+            return 1
+        raw = await spool.read_message(args.id)
+        print(entry.to_json_bytes().decode("utf-8"))
+        print()
+        if raw is not None:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(raw)
+        return 0
+    if action == "delete":
+        ok = await spool.delete(args.id)
+        if not ok:
+            print(f"{args.id}: not deleted (no such entry, or it is being delivered)",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.id}: deleted")
+        return 0
+    if action in ("flush", "retry"):
+        qid = args.id if action == "retry" else None
+        if hasattr(spool, "request_retry"):
+            if qid is None:
+                import time
+
+                cooldown = config.smtp.spool.triggerCooldownMillis / 1000.0
+                if time.time() - spool.last_flush_request() < cooldown:
+                    print("flush unavailable: a flush was requested moments ago (cooldown)",
+                          file=sys.stderr)
+                    return EX_TEMPFAIL
+            n = await spool.retry_now(qid)
+            spool.request_retry(qid)
+        else:
+            n = await spool.retry_now(qid)
+        if qid is not None and n == 0:
+            print(f"{qid}: no such entry, or it is being delivered", file=sys.stderr)
+            return 1
+        print(f"{n} entr{'y' if n == 1 else 'ies'} scheduled for immediate delivery")
+        return 0
+    return 2
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, task
+
+    config = _load(args.config)
+    if args.action in ("show", "delete", "retry") and not args.id:
+        print(f"queue {args.action} needs a queue id", file=sys.stderr)
+        return 2
+    result: list[int] = []
+
+    def main(reactor: Any) -> Any:
+        d = defer.Deferred.fromCoroutine(_queue(args, config))
+        return d.addCallback(result.append)
+
+    try:
+        task.react(main)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            return int(exc.code) if isinstance(exc.code, int) else 1
+    return result[0] if result else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kotlin-smtp", description="kotlin-smtp-py operator tool")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check-config", help="validate a config file and print it (secrets "
+                                            "masked)")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+    h = sub.add_parser("hash-password", help="print a bcrypt hash for smtp.auth.users")
+    h.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    h.add_argument("--rounds", type=int, default=12)
+    h.set_defaults(func=cmd_hash_password)
+    q = sub.add_parser("queue", help="inspect and manage the spool")
+    q.add_argument("action", choices=["list", "show", "delete", "flush", "retry"])
+    q.add_argument("id", nargs="?")
+    q.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    q.set_defaults(func=cmd_queue)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
