@@ -73,8 +73,8 @@ class Outcome(str, enum.Enum):
     """How a queue entry left the queue (label ``outcome`` of smtp_spool_queue_age_seconds)."""
 
     COMPLETED = "completed"  # every recipient delivered
-    DROPPED = "dropped"  # at least one recipient bounced (permanent failure or retries exhausted)
-    OTHER = "other"  # deleted by an operator, unreadable entry, ...
+    DROPPED = "dropped"  # recipients bounced (permanent failure or retries exhausted)
+    OTHER = "other"  # mixed results, deleted by an operator, ... (the scheduler decides)
 
 
 class DeliveryResult(str, enum.Enum):
@@ -146,10 +146,10 @@ class Metrics:
         self._spool_queued = Counter(
             "smtp_spool_queued", "Entries written to the spool.", registry=r)
         self._spool_completed = Counter(
-            "smtp_spool_completed", "Entries finished with every recipient delivered.",
+            "smtp_spool_completed", "Entries that left the queue with outcome completed.",
             registry=r)
         self._spool_dropped = Counter(
-            "smtp_spool_dropped", "Entries finished with at least one recipient bounced.",
+            "smtp_spool_dropped", "Entries that left the queue with outcome dropped.",
             registry=r)
         self._retry_scheduled = Counter(
             "smtp_spool_retry_scheduled", "Retries scheduled after transient failures.",
@@ -243,3 +243,50 @@ class Metrics:
     def domain_label(self, domain: str) -> str:
         d = _normalise_domain(domain)
         return d if d in self.tracked_domains else OTHER_DOMAIN
+
+
+# -- adapters to the observers the SMTP factory and the scheduler call ---------------------------
+# Duck-typed (no import of inbound/ or spool/): they have the methods of
+# ``inbound.factory.SessionEvents`` and ``spool.scheduler.SpoolEvents``.
+
+
+class MetricsSessionEvents:
+    """Pass as one of ``SMTPFactory(events=[...])``: one session is one connection."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def session_started(self, session: object) -> None:
+        self.metrics.connection_opened()
+        self.metrics.session_started()
+
+    def session_ended(self, session: object) -> None:
+        self.metrics.connection_closed()
+        self.metrics.session_ended()
+
+    def message_accepted(self, session: object, entry: object) -> None:
+        self.metrics.message_accepted()
+        self.metrics.spool_queued()  # the 250 comes after the entry is durable
+
+    def message_rejected(self, session: object, reply: object) -> None:
+        self.metrics.message_rejected()
+
+
+class MetricsSpoolEvents:
+    """Pass as ``Scheduler(events=...)``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def delivery_result(self, entry: object, recipient: object, status: DeliveryStatus) -> None:
+        address = str(getattr(recipient, "address", ""))
+        self.metrics.delivery_result(address.rpartition("@")[2], status)
+
+    def retry_scheduled(self, entry: object, delay: float) -> None:
+        self.metrics.retry_scheduled(delay)
+
+    def entry_finished(self, entry: object, outcome: str, age: float) -> None:
+        self.metrics.entry_finished(outcome, age)
+
+    def recipients_dropped(self, entry: object, count: int) -> None:
+        return None
