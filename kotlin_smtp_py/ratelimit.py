@@ -8,8 +8,9 @@ Invariants:
 - Local state is bounded: entries live only while they matter (open connections, the current
   window, an active lockout) and expired ones are swept at most every :data:`SWEEP_SECONDS` and
   whenever the table grows past :data:`MAX_LOCAL_ENTRIES` (then the oldest entries go first).
-- Redis keys: ``<prefix>:conn:<ip>`` (open connections, TTL ``connectionCounterTtlSeconds``
-  refreshed on every acquire, so a crashed node's counts expire), ``<prefix>:msg:<ip>:<window>``
+- Redis keys: ``<prefix>:conn:<ip>`` (open connections, one count per node) with
+  ``<prefix>:node:<id>`` liveness keys (TTL ``connectionCounterTtlSeconds``, heartbeat while the
+  node holds connections, so a crashed node's counts expire), ``<prefix>:msg:<ip>:<window>``
   (messages in the current hour), ``<auth prefix>:fail:{ip|user}:<x>`` (failures in the window)
   and ``<auth prefix>:lock:{ip|user}:<x>`` (lockout). Every check is one atomic Lua call.
 - AUTH failures are counted per client IP and per username separately; either reaching
@@ -24,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -243,21 +246,39 @@ class DisabledAuthFailureLimiter:
 # ---------------------------------------------------------------------------------------------
 # Redis backends
 
-# KEYS counter; ARGV max ttl_ms -> 1 acquired | 0 refused
+# KEYS conn-hash; ARGV max node node_key_prefix ttl_ms -> 1 acquired | 0 refused.
+# The hash holds one count per node; fields of nodes whose liveness key expired are dropped.
 _CONN_ACQUIRE = LuaScript("conn-acquire", """
-local n = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if tonumber(ARGV[1]) > 0 and n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return 0
+local max, me, nodes, ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+redis.call('SET', nodes .. me, '1', 'PX', ttl)
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  local node = fields[i]
+  if node ~= me and redis.call('EXISTS', nodes .. node) == 0 then
+    redis.call('HDEL', KEYS[1], node)
+  else
+    total = total + tonumber(fields[i + 1])
+  end
 end
+if max > 0 and total >= max then return 0 end
+redis.call('HINCRBY', KEYS[1], me, 1)
+redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """)
 
+# KEYS conn-hash; ARGV node
 _CONN_RELEASE = LuaScript("conn-release", """
-local n = redis.call('DECR', KEYS[1])
-if n <= 0 then redis.call('DEL', KEYS[1]) end
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return n
+""")
+
+# KEYS node-key conn-hash...; ARGV ttl_ms: this node is alive and still holds these counts
+_CONN_HEARTBEAT = LuaScript("conn-heartbeat", """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return #KEYS
 """)
 
 # KEYS counter; ARGV ttl_ms -> count
@@ -294,15 +315,22 @@ def _fail_open(what: str, result: Any) -> Callable[[Any], Any]:
 
 @implementer(IConnectionLimiter)
 class RedisConnectionLimiter:
-    """Open connections per IP across nodes; counters expire after ``counter_ttl_seconds``."""
+    """Open connections per IP across nodes.
+
+    ``<prefix>:conn:<ip>`` is a hash of per-node counts; ``<prefix>:node:<node id>`` says the
+    node is alive (TTL ``counter_ttl_seconds``, refreshed every third of it while the node holds
+    connections). When a node crashes its liveness key expires and the next acquire for that IP
+    drops its counts; idle hashes expire with the same TTL."""
 
     def __init__(self, client: RedisClient, key_prefix: str, max_per_ip: int,
-                 counter_ttl_seconds: float = 900.0) -> None:
+                 counter_ttl_seconds: float = 900.0, node_id: str | None = None) -> None:
         self.client = client
         self.prefix = key_prefix
         self.max_per_ip = max_per_ip
         self.ttl = counter_ttl_seconds
+        self.node_id = node_id or uuid.uuid4().hex[:16]
         self._counted: dict[str, int] = {}
+        self._heartbeat: LoopingCall | None = None
 
     def _key(self, ip: str) -> str:
         return f"{self.prefix}:conn:{ip}"
@@ -310,11 +338,14 @@ class RedisConnectionLimiter:
     def acquire(self, ip: str) -> defer.Deferred[bool]:
         if self.max_per_ip <= 0:
             return defer.succeed(True)
-        d = self.client.eval(_CONN_ACQUIRE, [self._key(ip)], [self.max_per_ip, _ms(self.ttl)])
+        d = self.client.eval(_CONN_ACQUIRE, [self._key(ip)],
+                             [self.max_per_ip, self.node_id, f"{self.prefix}:node:",
+                              _ms(self.ttl)])
 
         def done(result: Any) -> bool:
             if result == 1:
                 self._counted[ip] = self._counted.get(ip, 0) + 1
+                self._ensure_heartbeat()
                 return True
             return False
 
@@ -328,9 +359,36 @@ class RedisConnectionLimiter:
             del self._counted[ip]
         else:
             self._counted[ip] = n - 1
-        self.client.eval(_CONN_RELEASE, [self._key(ip)], []).addErrback(
+        if not self._counted and self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self.client.eval(_CONN_RELEASE, [self._key(ip)], [self.node_id]).addErrback(
             lambda f: log.warn("rate limiter release for {ip} failed: {error}; the counter "
                                "expires by itself", ip=ip, error=f.getErrorMessage()))
+
+    def _ensure_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            return
+        self._heartbeat = LoopingCall(lambda: defer.Deferred.fromCoroutine(self._beat()))
+        self._heartbeat.clock = self.client.clock
+        self._heartbeat.start(self.ttl / 3.0, now=False).addErrback(
+            lambda f: log.failure("connection-limit heartbeat stopped", f))
+
+    async def _beat(self) -> None:
+        """Refresh this node's liveness and its counters; never raises."""
+        ips = list(self._counted)
+        for start in range(0, max(len(ips), 1), 500):
+            keys = [f"{self.prefix}:node:{self.node_id}"] + [
+                self._key(ip) for ip in ips[start:start + 500]]
+            try:
+                await self.client.eval(_CONN_HEARTBEAT, keys, [_ms(self.ttl)])
+            except Exception as exc:
+                log.warn("connection-limit heartbeat failed: {error}", error=exc)
+                return
+
+    def close(self) -> None:
+        """Stop the heartbeat (this node's counts then expire after the TTL)."""
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
 
 
 @implementer(IMessageRateLimiter)
