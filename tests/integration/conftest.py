@@ -1,0 +1,18 @@
+"""Fixtures for suites that run ``twistd smtp`` as a real subprocess."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mtaproc import MtaPool
+
+
+@pytest.fixture
+def mtas(tmp_path: Path) -> Iterator[MtaPool]:
+    pool = MtaPool(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.close()
