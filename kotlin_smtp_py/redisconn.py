@@ -284,7 +284,7 @@ class RedisClient:
 
             def fired(result: Any) -> None:
                 if not ready.called:
-                    ready.callback(result)
+                    ready.callback(result.value if isinstance(result, Failure) else None)
 
             first.addBoth(fired)  # also consumes a connection error (e.g. AUTH refused)
             ready.addTimeout(timeout, self.clock)
@@ -292,9 +292,9 @@ class RedisClient:
                 result = await ready
             except defer.TimeoutError:
                 result = None
-            if isinstance(result, Failure):
+            if isinstance(result, Exception):
                 raise RedisUnavailable(f"Redis at {self.target.describe()} refused the "
-                                       f"connection: {result.getErrorMessage()}")
+                                       f"connection: {result}")
         reason = "no answer"
         while True:
             ok, reason = await self.ping()
