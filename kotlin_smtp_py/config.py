@@ -1,4 +1,5 @@
-"""Configuration: the schema with its defaults (the only place defaults live), loading and validation.
+"""Configuration: the schema with its defaults (the only place defaults live), loading,
+validation.
 
 The YAML file mirrors SPEC §2. Every section is a frozen dataclass below; a field's YAML key is its
 name unless ``metadata["key"]`` says otherwise. Values may contain ``${VAR:default}``
@@ -349,7 +350,8 @@ def _resolve_placeholders(value: Any, path: str, problems: list[str],
             if name in env:
                 return env[name]
             if default is None:
-                problems.append(f"{path}: environment variable {name} is not set and has no default")
+                problems.append(
+                    f"{path}: environment variable {name} is not set and has no default")
                 return ""
             return default
         return _PLACEHOLDER.sub(sub, value)
@@ -357,7 +359,8 @@ def _resolve_placeholders(value: Any, path: str, problems: list[str],
         return {k: _resolve_placeholders(v, f"{path}.{k}" if path else str(k), problems, env)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve_placeholders(v, f"{path}[{i}]", problems, env) for i, v in enumerate(value)]
+        return [_resolve_placeholders(v, f"{path}[{i}]", problems, env)
+                for i, v in enumerate(value)]
     return value
 
 
@@ -624,7 +627,8 @@ def dump_effective(config: Config) -> str:
 
 
 def schema_keys(cls: type[Any] = Config, prefix: str = "") -> list[str]:
-    """Every leaf key path of the schema (``smtp.limits.maxRecipients``, ``smtp.listeners[].port``)."""
+    """Every leaf key path of the schema (``smtp.limits.maxRecipients``,
+    ``smtp.listeners[].port``)."""
     keys: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -24,10 +24,19 @@ from kotlin_smtp_py.inbound.protocol import SMTPServerProtocol
 from kotlin_smtp_py.interfaces import ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory
+from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
 from kotlin_smtp_py.routing import DeliveryRouter
+from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
 from kotlin_smtp_py.spool.file import FileSpool
 from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
 from kotlin_smtp_py.status import SmtpReply
+from kotlin_smtp_py.web.health import (
+    DiskSpaceIndicator,
+    FunctionIndicator,
+    Readiness,
+    SpoolIndicator,
+)
+from kotlin_smtp_py.web.site import make_management_site
 
 log = Logger()
 
@@ -53,7 +62,7 @@ def build_tls_context(config: Config) -> Any:
     }
     if s.cipherSuites:
         kwargs["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
-            ":".join(s.cipherSuites))
+            ":".join(s.cipherSuites))  # type: ignore[no-untyped-call]
     return ssl.CertificateOptions(**kwargs)
 
 
@@ -78,10 +87,12 @@ class TriggerGate:
 class SpoolBouncer(Bouncer):
     """Queues RFC 3464 notices through the same spool (see outbound.dsn)."""
 
-    def __init__(self, spool: ISpool, hostname: str, clock: Any) -> None:
+    def __init__(self, spool: ISpool, hostname: str, clock: Any,
+                 metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.hostname = hostname
         self.clock = clock
+        self.metrics = metrics
 
     @defer.inlineCallbacks
     def _notify(self, entry: Any, message_path: str, results: Any, action: str) -> Any:
@@ -95,6 +106,8 @@ class SpoolBouncer(Bouncer):
         body = dsn.build_dsn(entry, wanted, action, self.hostname, original,
                              float(self.clock.seconds()))
         notice = yield self.spool.enqueue(dsn.dsn_envelope(entry), body)
+        if self.metrics is not None:
+            self.metrics.spool_queued()
         log.info("queued {action} DSN {dsn_id} for {queue_id} to <{sender}>", action=action,
                  dsn_id=notice.queue_id, queue_id=entry.queue_id, sender=entry.envelope.sender,
                  event="bounce")
@@ -109,7 +122,7 @@ class SmtpService(service.MultiService):
     """The whole server as a Twisted service (what ``twistd smtp`` runs)."""
 
     def __init__(self, config: Config, reactor: Any = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor
@@ -120,7 +133,13 @@ class SmtpService(service.MultiService):
         self.factories: list[SMTPFactory] = []
         self.management_port: Any = None
         self.shutting_down = False
-        self.session_events: list[SessionEvents] = []
+        self.metrics = Metrics(config.management.metrics.trackedDomains)
+        self.session_events: list[SessionEvents] = [
+            MetricsSessionEvents(self.metrics)]  # type: ignore[list-item]
+        self.notifier = SystemdNotifier()
+        self.watchdog: WatchdogPinger | None = None
+        self._request_watch: Any = None
+        self._stopped: defer.Deferred[Any] | None = None
         self._build()
 
     # -- construction --------------------------------------------------------------------------
@@ -141,11 +160,17 @@ class SmtpService(service.MultiService):
                                             resubmit=self._resubmit)
         self.router = DeliveryRouter(local_domains, self.local_delivery)
         self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory)
-        self.bouncer = SpoolBouncer(self.spool, s.hostname, self.reactor)
+        self.bouncer = SpoolBouncer(self.spool, s.hostname, self.reactor, self.metrics)
         self.scheduler = Scheduler(
             self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
             retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
-            clock=self.reactor)
+            clock=self.reactor, events=MetricsSpoolEvents(self.metrics))  # type: ignore[arg-type]
+        self.metrics.pending_fn = self.spool.pending_count
+        backend = spool_backend(c)
+        self.readiness = Readiness([SpoolIndicator(self.spool, backend=backend)])
+        if backend == "file":
+            self.readiness.add(DiskSpaceIndicator([s.spool.dir, s.storage.mailboxDir]))
+        self.health_indicators = [FunctionIndicator("listeners", self._listeners_health)]
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
         self.tls_context = build_tls_context(c) if s.ssl.enabled else None
@@ -153,9 +178,14 @@ class SmtpService(service.MultiService):
     def _resubmit(self, envelope: Any, message_path: str) -> defer.Deferred[Any]:
         with open(message_path, "rb") as fh:
             data = fh.read()
-        d = self.spool.enqueue(envelope, data)
-        d.addCallback(lambda entry: (self.scheduler.trigger(), entry)[1])
-        return d
+        d: defer.Deferred[Any] = self.spool.enqueue(envelope, data)
+
+        def queued(entry: Any) -> Any:
+            self.metrics.spool_queued()
+            self.scheduler.trigger()
+            return entry
+
+        return d.addCallback(queued)
 
     def make_factory(self, listener: Any) -> SMTPFactory:
         s = self.config.smtp
@@ -188,7 +218,7 @@ class SmtpService(service.MultiService):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         s = self.config.smtp
         for listener in s.effective_listeners():
             factory = self.make_factory(listener)
@@ -205,10 +235,23 @@ class SmtpService(service.MultiService):
                      tls=" (implicit TLS)" if listener.implicitTls else "")
         self.scheduler.start()
         self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
-        self.on_started()
+        m = self.config.management
+        if m.enabled:
+            site = make_management_site(self.config, self.metrics, self.health_indicators,
+                                        self.readiness, clock=self.reactor)
+            self.management_port = self.reactor.listenTCP(m.server.port, site,
+                                                          interface=m.server.bindAddress)
+            log.info("management HTTP on {address}:{port}", address=m.server.bindAddress,
+                     port=self.management_port.getHost().port)
+        self.notifier.ready()
+        self.watchdog = WatchdogPinger.from_environment(self.notifier, self.reactor)
+        if self.watchdog is not None:
+            self.watchdog.start()
 
-    def on_started(self) -> None:
-        """Hook for management/systemd wiring once every listener is bound."""
+    def _listeners_health(self) -> tuple[bool, dict[str, Any]]:
+        ports = [p.getHost().port for p in self.ports]
+        up = bool(ports) and not self.shutting_down
+        return up, {"ports": ports, "sessions": sum(len(f.sessions) for f in self.factories)}
 
     def smtp_port(self, index: int = 0) -> int:
         return int(self.ports[index].getHost().port)
@@ -234,6 +277,10 @@ class SmtpService(service.MultiService):
     @defer.inlineCallbacks
     def _graceful_stop(self) -> Any:
         self.shutting_down = True
+        self.readiness.shutdown_started()
+        self.notifier.stopping()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         grace = self.config.smtp.lifecycle.gracefulShutdownTimeoutMs / 1000.0
         log.info("shutting down: draining sessions for up to {grace}s", grace=grace,
                  event="shutdown")
@@ -250,13 +297,23 @@ class SmtpService(service.MultiService):
                 log.warn("aborting {n} sessions after the grace period", n=len(f.sessions))
             f.abort_all()
         yield self.scheduler.stop(max(0.0, deadline - time.monotonic()) + 1.0)
-        self.spool.release_all()
+        release_all = getattr(self.spool, "release_all", None)
+        if release_all is not None:
+            release_all()
+        if self.management_port is not None:
+            yield self.management_port.stopListening()
         log.info("shutdown complete", event="shutdown_complete")
 
     def stopService(self) -> defer.Deferred[None]:
-        d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
-        d.addCallback(lambda _: self._graceful_stop())
-        return d
+        if self._stopped is None:
+            d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
+            d.addCallback(lambda _: self._graceful_stop())
+            self._stopped = d
+            # Later callers (SIGTERM twice, test teardown) wait for the same drain.
+            return d
+        done: defer.Deferred[None] = defer.Deferred()
+        self._stopped.addBoth(lambda r: (done.callback(None), r)[1])
+        return done
 
 
 def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:

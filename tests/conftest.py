@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import CertSet, RedisServer, make_certs, start_reactor  # noqa: E402
+from helpers import CertSet, RedisServer, make_certs, start_reactor
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,6 @@ class SessionEvents:
 
 
 class SMTPFactory(protocol.ServerFactory):
-    protocol = SMTPServerProtocol
     noisy = False
 
     def __init__(self, *, listener: ListenerConfig, hostname: str, primary_domain: str,
@@ -76,7 +75,7 @@ class SMTPFactory(protocol.ServerFactory):
                      defer.Deferred[SmtpReply | None] | None]] = []
         self.auth_limiter: Any = None
 
-    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # type: ignore[override]
         p = SMTPServerProtocol()
         p.factory = self
         return p

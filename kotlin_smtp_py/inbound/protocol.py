@@ -169,10 +169,11 @@ class SMTPServerProtocol(smtp.ESMTP):
     """One SMTP session. Configuration and collaborators come from the factory."""
 
     factory: SMTPFactory
+    transport: Any  # a TCP/TLS transport (ITCPTransport + ITLSTransport + IProducer)
     noisy = False
 
     def __init__(self) -> None:
-        super().__init__(chal={}, contextFactory=None)
+        super().__init__(chal={}, contextFactory=None)  # type: ignore[no-untyped-call]
         self.session_id = secrets.token_hex(6)
         self._buf = bytearray()
         self._mode = "command"
@@ -231,7 +232,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._send(R(220, "", f"{self.factory.hostname} {self.listener.serviceName} "
                               "kotlin-smtp-py ready"))
 
-    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
         self._mode = "closed"
         for call in (self._idle_call, self._handshake_call):
@@ -593,8 +594,9 @@ class SMTPServerProtocol(smtp.ESMTP):
                     return R(501, "5.5.4", "Bad NOTIFY parameter")
                 notify = items
             elif key == "ORCPT":
-                kind, sep, addr = (value or "").partition(";")
-                if not sep or not kind or not addr or not (tx.smtputf8 or _xtext_ok(addr)):
+                kind, sep, original = (value or "").partition(";")
+                if not sep or not kind or not original or \
+                        not (tx.smtputf8 or _xtext_ok(original)):
                     return R(501, "5.5.4", "Bad ORCPT parameter")
                 orcpt = value
             else:

@@ -36,8 +36,8 @@ Result = tuple[Recipient, DeliveryStatus]
 
 def retry_delay(base_seconds: float, attempt: int, rng: random.Random | None = None) -> float:
     """Delay before retry number ``attempt`` (1-based): exponential, capped, ±20 % jitter."""
-    raw = min(base_seconds * (2 ** max(attempt - 1, 0)), MAX_RETRY_DELAY)
-    r = (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    raw = min(base_seconds * float(1 << max(attempt - 1, 0)), MAX_RETRY_DELAY)
+    r = rng.uniform(1 - JITTER, 1 + JITTER) if rng else random.uniform(1 - JITTER, 1 + JITTER)
     return raw * r
 
 

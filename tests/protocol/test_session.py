@@ -10,8 +10,8 @@ import ssl
 from typing import Any
 
 import pytest
-from conftest import Client, Server
 from helpers import on_reactor, wait_until
+from protocol_support import Client, Server
 from twisted.internet import defer, reactor
 
 from kotlin_smtp_py.inbound.auth import hash_password
