@@ -17,14 +17,17 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kotlin_smtp_py.config import Config, spool_backend
+from kotlin_smtp_py.envelope import Address
 from kotlin_smtp_py.inbound.auth import UserTableChecker
 from kotlin_smtp_py.inbound.factory import SessionEvents, SMTPFactory
-from kotlin_smtp_py.inbound.policy import RecipientPolicy
+from kotlin_smtp_py.inbound.policy import RecipientPolicy, SessionInfo
 from kotlin_smtp_py.inbound.protocol import SMTPServerProtocol
+from kotlin_smtp_py.inbound.relaypolicy import RelayAccessPolicy
 from kotlin_smtp_py.interfaces import ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
+from kotlin_smtp_py.outbound.relay import RelayDelivery
 from kotlin_smtp_py.routing import DeliveryRouter
 from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
 from kotlin_smtp_py.spool.file import FileSpool
@@ -121,13 +124,15 @@ class SpoolBouncer(Bouncer):
 class SmtpService(service.MultiService):
     """The whole server as a Twisted service (what ``twistd smtp`` runs)."""
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, clock: Any = None) -> None:
+        """``clock`` drives the delivery scheduler (retry timing); tests pass a task.Clock."""
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor
         self.config = config
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.started_at = time.time()
         self.ports: list[Any] = []
         self.factories: list[SMTPFactory] = []
@@ -149,7 +154,7 @@ class SmtpService(service.MultiService):
         s = c.smtp
         if spool_backend(c) != "file":
             raise RuntimeError("the redis spool backend is not wired in this build yet")
-        self.spool = FileSpool(s.spool.dir, clock=self.reactor)
+        self.spool = FileSpool(s.spool.dir, clock=self.clock)
         self.auth_checker = UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords) \
             if s.auth.enabled else None
         self.directory = LocalDirectory(
@@ -158,13 +163,20 @@ class SmtpService(service.MultiService):
         local_domains = s.routing.all_local_domains()
         self.local_delivery = LocalDelivery(self.directory, lambda d: d in local_domains,
                                             resubmit=self._resubmit)
-        self.router = DeliveryRouter(local_domains, self.local_delivery)
-        self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory)
-        self.bouncer = SpoolBouncer(self.spool, s.hostname, self.reactor, self.metrics)
+        relay: RelayDelivery | None = None
+        self.relay_policy: RelayAccessPolicy | None = None
+        if s.relay.enabled:
+            relay = RelayDelivery.from_config(c, self.reactor)
+            self.relay_policy = RelayAccessPolicy.from_config(s.relay)
+        self.router = DeliveryRouter(local_domains, self.local_delivery, relay,
+                                     relay.route_key if relay is not None else None)
+        self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory,
+                                                self._relay_allowed if relay else None)
+        self.bouncer = SpoolBouncer(self.spool, s.hostname, self.clock, self.metrics)
         self.scheduler = Scheduler(
             self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
             retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
-            clock=self.reactor, events=MetricsSpoolEvents(self.metrics))  # type: ignore[arg-type]
+            clock=self.clock, events=MetricsSpoolEvents(self.metrics))  # type: ignore[arg-type]
         self.metrics.pending_fn = self.spool.pending_count
         backend = spool_backend(c)
         self.readiness = Readiness([SpoolIndicator(self.spool, backend=backend)])
@@ -174,6 +186,12 @@ class SmtpService(service.MultiService):
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
         self.tls_context = build_tls_context(c) if s.ssl.enabled else None
+
+    def _relay_allowed(self, session: SessionInfo, sender: Address | None,
+                       recipient: Address) -> bool:
+        assert self.relay_policy is not None
+        return self.relay_policy.relay_allowed(session.peer_ip, session.authenticated, sender,
+                                               recipient, session.auth_user)
 
     def _resubmit(self, envelope: Any, message_path: str) -> defer.Deferred[Any]:
         with open(message_path, "rb") as fh:
@@ -312,7 +330,12 @@ class SmtpService(service.MultiService):
             # Later callers (SIGTERM twice, test teardown) wait for the same drain.
             return d
         done: defer.Deferred[None] = defer.Deferred()
-        self._stopped.addBoth(lambda r: (done.callback(None), r)[1])
+
+        def chain(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._stopped.addBoth(chain)
         return done
 
 

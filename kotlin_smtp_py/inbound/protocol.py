@@ -106,6 +106,11 @@ def _xtext_ok(value: str | None) -> bool:
     return value is not None and bool(_XTEXT.match(value))
 
 
+def xtext_decode(value: str) -> str:
+    """RFC 3461 §4: ``+XX`` hex escapes; we store decoded values (the client re-encodes)."""
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
 @dataclass
 class Transaction:
     """State between MAIL and the end of data."""
@@ -598,7 +603,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                 if not sep or not kind or not original or \
                         not (tx.smtputf8 or _xtext_ok(original)):
                     return R(501, "5.5.4", "Bad ORCPT parameter")
-                orcpt = value
+                orcpt = f"{kind};{xtext_decode(original)}"
             else:
                 return R(555, "5.5.4", f"Unsupported RCPT parameter {key}")
         if path.lower() == "<postmaster>":
@@ -760,7 +765,8 @@ class SMTPServerProtocol(smtp.ESMTP):
             sender=sender, recipients=tuple(tx.recipients), helo=self._helo_name or "",
             peer=self.peer_ip, auth_user=self._auth_user, tls=self._tls, smtputf8=tx.smtputf8,
             body=(params.get("BODY") or "7BIT").upper(),
-            ret=(params.get("RET") or "").upper() or None, envid=params.get("ENVID"),
+            ret=(params.get("RET") or "").upper() or None,
+            envid=xtext_decode(params["ENVID"] or "") if params.get("ENVID") else None,
             size=tx.writer.size, received_at=self.clock.seconds(),
             message_id=tx.header.message_id)
         d: defer.Deferred[QueueEntry] = tx.writer.commit(envelope)
