@@ -44,6 +44,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import Config
@@ -574,17 +575,25 @@ class RedisSpool:
     # -- inspection and operator actions -------------------------------------------------------
 
     def pending_count(self) -> int:
+        """The cached ZCARD (updated by every commit/complete/delete); a stale cache starts a
+        refresh in the background. Safe to call from any thread (metrics scrapes)."""
         if self._now() - self._pending_at >= PENDING_REFRESH_SECONDS \
                 and not self._pending_refreshing:
             self._pending_refreshing = True
-
-            def done(result: Any) -> None:
-                self._pending_refreshing = False
-                if isinstance(result, int):
-                    self._set_pending(result)
-
-            self.client.execute("ZCARD", self.key("due")).addBoth(done)
+            if isInIOThread():  # type: ignore[no-untyped-call]
+                self._refresh_pending()
+            else:
+                from twisted.internet import reactor
+                reactor.callFromThread(self._refresh_pending)  # type: ignore[attr-defined]
         return self._pending
+
+    def _refresh_pending(self) -> None:
+        def done(result: Any) -> None:
+            self._pending_refreshing = False
+            if isinstance(result, int):
+                self._set_pending(result)
+
+        self.client.execute("ZCARD", self.key("due")).addBoth(done)
 
     def list_entries(self) -> defer.Deferred[list[QueueSummary]]:
         async def run() -> list[QueueSummary]:

@@ -288,3 +288,12 @@ def test_hung_redis_hits_the_command_deadline(own_redis: RedisServer, tmp_path: 
     finally:
         on_reactor(spool.close)
         on_reactor(client.close)
+
+
+def test_pending_count_from_another_thread(redis_spool_factory: Factory) -> None:
+    spool = redis_spool_factory()
+    writer_side = redis_spool_factory()  # another node's writes reach us via the refresh
+    for _ in range(2):
+        store(writer_side)
+    # called from the test thread, like a metrics scrape in a WSGI thread
+    wait_until(lambda: spool.pending_count() == 2, timeout=5, message="pending_count == 2")
