@@ -186,6 +186,7 @@ class Envelope:
     received_at: float = field(default_factory=time.time)
     message_id: str | None = None
     is_dsn: bool = False
+    archive_owner: str | None = None  # local user whose sent/ folder gets a copy
 
     def with_recipients(self, recipients: tuple[Recipient, ...]) -> Envelope:
         return replace(self, recipients=recipients)
@@ -196,7 +197,7 @@ class Envelope:
             "helo": self.helo, "peer": self.peer, "auth_user": self.auth_user, "tls": self.tls,
             "smtputf8": self.smtputf8, "body": self.body, "ret": self.ret, "envid": self.envid,
             "size": self.size, "received_at": self.received_at, "message_id": self.message_id,
-            "is_dsn": self.is_dsn,
+            "is_dsn": self.is_dsn, "archive_owner": self.archive_owner,
         }
 
     @classmethod
@@ -209,7 +210,7 @@ class Envelope:
             smtputf8=bool(data.get("smtputf8", False)), body=str(data.get("body", "7BIT")),
             ret=data.get("ret"), envid=data.get("envid"), size=int(data.get("size", 0)),
             received_at=float(data.get("received_at", 0.0)), message_id=data.get("message_id"),
-            is_dsn=bool(data.get("is_dsn", False)),
+            is_dsn=bool(data.get("is_dsn", False)), archive_owner=data.get("archive_owner"),
         )
 
 

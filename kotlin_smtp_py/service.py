@@ -9,11 +9,13 @@ or have their leases released (entries stay queued), then the process exits 0.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from kotlin_smtp_py.config import Config, spool_backend
@@ -26,6 +28,7 @@ from kotlin_smtp_py.inbound.relaypolicy import RelayAccessPolicy
 from kotlin_smtp_py.interfaces import ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory
+from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
 from kotlin_smtp_py.outbound.relay import RelayDelivery
 from kotlin_smtp_py.routing import DeliveryRouter
@@ -163,6 +166,8 @@ class SmtpService(service.MultiService):
         local_domains = s.routing.all_local_domains()
         self.local_delivery = LocalDelivery(self.directory, lambda d: d in local_domains,
                                             resubmit=self._resubmit)
+        self._trusted_networks = [ipaddress.ip_network(n, strict=False)
+                                  for n in s.relay.allowedClientCidrs]
         relay: RelayDelivery | None = None
         self.relay_policy: RelayAccessPolicy | None = None
         if s.relay.enabled:
@@ -176,7 +181,8 @@ class SmtpService(service.MultiService):
         self.scheduler = Scheduler(
             self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
             retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
-            clock=self.clock, events=MetricsSpoolEvents(self.metrics))  # type: ignore[arg-type]
+            clock=self.clock, events=MetricsSpoolEvents(self.metrics),  # type: ignore[arg-type]
+            archiver=self._archive_sent)
         self.metrics.pending_fn = self.spool.pending_count
         backend = spool_backend(c)
         self.readiness = Readiness([SpoolIndicator(self.spool, backend=backend)])
@@ -186,6 +192,35 @@ class SmtpService(service.MultiService):
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
         self.tls_context = build_tls_context(c) if s.ssl.enabled else None
+
+    def _archive_owner(self, session: SessionInfo, sender: Address | None) -> str | None:
+        """sentArchive: TRUSTED_SUBMISSION = authenticated, or a trusted client (relay
+        allowedClientCidrs) sending as a local user; AUTHENTICATED_ONLY = authenticated only."""
+        mode = self.config.smtp.sentArchive.mode
+        if mode == "DISABLED":
+            return None
+        if session.auth_user is not None:
+            return self.directory.resolve(session.auth_user.partition("@")[0])
+        if mode != "TRUSTED_SUBMISSION" or sender is None:
+            return None
+        if not self.router.is_local_domain(sender.domain) or not self._trusted(session.peer_ip):
+            return None
+        return self.directory.resolve(sender.local)
+
+    def _trusted(self, peer_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer_ip)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self._trusted_networks)
+
+    def _archive_sent(self, entry: Any, message_path: str) -> defer.Deferred[Any]:
+        owner = entry.envelope.archive_owner
+        root = os.path.join(self.config.smtp.storage.mailboxDir, owner, "sent")
+        name = maildir_name(entry.queue_id, "sent:" + owner, entry.envelope.received_at)
+        return threads.deferToThread(write_maildir, root, name, b"", message_path)
 
     def _relay_allowed(self, session: SessionInfo, sender: Address | None,
                        recipient: Address) -> bool:
@@ -217,6 +252,7 @@ class SmtpService(service.MultiService):
             events=self.session_events, on_accepted=lambda _: self.scheduler.trigger())
         if s.features.etrnEnabled:
             factory.etrn = self._etrn
+        factory.archive_owner = self._archive_owner  # type: ignore[method-assign]
         return factory
 
     def _max_size(self) -> int:

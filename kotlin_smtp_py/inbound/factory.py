@@ -135,6 +135,10 @@ class SMTPFactory(protocol.ServerFactory):
 
         return run_all()  # type: ignore[no-any-return]
 
+    def archive_owner(self, session: Any, sender: Address | None) -> str | None:
+        """Whose sent/ folder gets a copy of this message (None: no copy); see sentArchive."""
+        return None
+
     def auth_locked(self, session: SMTPServerProtocol) -> SmtpReply | None:
         return None
 

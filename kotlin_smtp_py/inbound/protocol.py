@@ -768,7 +768,8 @@ class SMTPServerProtocol(smtp.ESMTP):
             ret=(params.get("RET") or "").upper() or None,
             envid=xtext_decode(params["ENVID"] or "") if params.get("ENVID") else None,
             size=tx.writer.size, received_at=self.clock.seconds(),
-            message_id=tx.header.message_id)
+            message_id=tx.header.message_id,
+            archive_owner=self.factory.archive_owner(self.session_info(), tx.sender))
         d: defer.Deferred[QueueEntry] = tx.writer.commit(envelope)
 
         def stored(entry: QueueEntry) -> SmtpReply:

@@ -93,7 +93,7 @@ class FileSpoolWriter:
         self.queue_id = queue_id
         self._spool = spool
         self._path = os.path.join(spool.tmp_dir, queue_id + ".eml")
-        self._fh: Any = open(self._path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        self._fh: Any = open(self._path, "xb", buffering=WRITE_BUFFER)
         self._size = 0
         self._done = False
 
@@ -237,7 +237,7 @@ class FileSpool:
     # -- ISpool: scheduling --------------------------------------------------------------------
 
     def due(self, now: float, limit: int) -> defer.Deferred[list[str]]:
-        d: defer.Deferred[None]
+        d: defer.Deferred[Any]
         if now - self._last_scan >= self.scan_interval and self._scanning is None:
             self._last_scan = now
             self._recent = set()

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, task
@@ -70,7 +70,9 @@ class Scheduler:
     def __init__(self, spool: ISpool, router: IRouter, bouncer: Bouncer, *, max_retries: int,
                  retry_delay_seconds: float, concurrency: int, clock: Any = None,
                  tick_seconds: float = 1.0, events: SpoolEvents | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 archiver: Callable[[QueueEntry, str], defer.Deferred[Any]] | None = None
+                 ) -> None:
         from twisted.internet import reactor
 
         self.spool = spool
@@ -83,6 +85,7 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.events = events or SpoolEvents()
         self.rng = rng or random.Random()
+        self.archiver = archiver
         self._loop: task.LoopingCall | None = None
         self._running = False
         self._again = False
@@ -200,6 +203,11 @@ class Scheduler:
 
     async def _process(self, claim: Claim) -> None:
         entry = claim.entry
+        if self.archiver is not None and entry.envelope.archive_owner and entry.attempts == 0:
+            try:  # idempotent (deterministic name): a crash before completion re-runs it safely
+                await self.archiver(entry, claim.message_path)
+            except Exception:
+                log.failure("sent-archive copy of {queue_id} failed", queue_id=entry.queue_id)
         try:
             results = await self._deliver_groups(claim)
         except Exception:

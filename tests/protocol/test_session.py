@@ -549,3 +549,39 @@ def test_service_graceful_shutdown_finishes_data_then_421(make_server: Any) -> N
     assert busy.reply()[0] == 250
     assert busy.reply()[0] == 421
     assert len(srv.spool_entries()) + len(srv.messages("alice")) == 1
+
+
+# -- sent archive ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,expect_copy", [("TRUSTED_SUBMISSION", True),
+                                              ("AUTHENTICATED_ONLY", True),
+                                              ("DISABLED", False)])
+def test_sent_archive_for_authenticated_sender(make_server: Any, certs: Any, mode: str,
+                                               expect_copy: bool) -> None:
+    srv = _auth_server(make_server, **{})
+    srv.service.config.smtp.sentArchive.__dict__["mode"] = mode  # frozen: test-only override
+    c = _tls_client(srv, certs)
+    good = base64.b64encode(b"\x00carol\x00s3cret-pass").decode()
+    assert c.cmd(f"AUTH PLAIN {good}")[0] == 235
+    c.cmd("MAIL FROM:<carol@localhost>")
+    c.cmd("RCPT TO:<alice@localhost>")
+    c.cmd("DATA")
+    c.send(b"Subject: archived\r\n\r\nx\r\n.\r\n")
+    assert c.reply()[0] == 250
+    srv.wait_messages("alice", 1)
+    wait_until(lambda: srv.spool_entries() == [], message="entry completed")
+    sent = srv.root / "mailboxes" / "carol" / "sent" / "new"
+    copies = list(sent.iterdir()) if sent.is_dir() else []
+    assert len(copies) == (1 if expect_copy else 0)
+    if expect_copy:
+        assert b"Subject: archived" in copies[0].read_bytes()
+
+
+def test_unauthenticated_sender_gets_no_archive_copy(make_server: Any) -> None:
+    srv = make_server()
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.sendmail("bob@localhost", ["alice@localhost"], b"Subject: x\r\n\r\ny\r\n")
+    srv.wait_messages("alice", 1)
+    wait_until(lambda: srv.spool_entries() == [], message="entry completed")
+    assert not (srv.root / "mailboxes" / "bob" / "sent").exists()
