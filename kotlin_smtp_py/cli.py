@@ -60,22 +60,33 @@ def _fmt_time(ts: float) -> str:
         "%Y-%m-%d %H:%M:%S")
 
 
-def _open_spool(config: cfg.Config) -> Any:
+async def _open_spool(config: cfg.Config) -> Any:
     if cfg.spool_backend(config) == "redis":
-        from kotlin_smtp_py.spool.redis import open_spool_for_cli  # type: ignore[attr-defined]
+        from kotlin_smtp_py.redisconn import connect
+        from kotlin_smtp_py.spool.redis import RedisSpool
 
-        return open_spool_for_cli(config)
+        assert config.smtp.redis is not None
+        client = await connect(config.smtp.redis)
+        return RedisSpool.from_config(client, config)
     from kotlin_smtp_py.spool.file import FileSpool
 
     return FileSpool(config.smtp.spool.dir, scan_interval=float("inf"))
 
 
 async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
-    from twisted.internet import defer
+    spool = await _open_spool(config)
+    try:
+        return await _queue_action(args, config, spool)
+    finally:
+        close = getattr(spool, "close", None)
+        if close is not None:
+            close()
+        client = getattr(spool, "client", None)
+        if client is not None:
+            await client.close()
 
-    spool = _open_spool(config)
-    if hasattr(spool, "start"):
-        await defer.maybeDeferred(spool.start)
+
+async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any) -> int:
     action = args.action
     if action == "list":
         entries = await spool.list_entries()

@@ -31,9 +31,11 @@ from kotlin_smtp_py.local.directory import LocalDirectory
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
 from kotlin_smtp_py.outbound.relay import RelayDelivery
+from kotlin_smtp_py.redisconn import RedisClient, RedisHealthIndicator
 from kotlin_smtp_py.routing import DeliveryRouter
 from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
 from kotlin_smtp_py.spool.file import FileSpool
+from kotlin_smtp_py.spool.redis import RedisSpool
 from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
 from kotlin_smtp_py.status import SmtpReply
 from kotlin_smtp_py.web.health import (
@@ -155,9 +157,16 @@ class SmtpService(service.MultiService):
     def _build(self) -> None:
         c = self.config
         s = c.smtp
-        if spool_backend(c) != "file":
-            raise RuntimeError("the redis spool backend is not wired in this build yet")
-        self.spool = FileSpool(s.spool.dir, clock=self.clock)
+        self.redis: RedisClient | None = None
+        if s.redis is not None and (spool_backend(c) == "redis" or s.rateLimit.backend == "redis"
+                                    or s.auth.rateLimitBackend == "redis"):
+            self.redis = RedisClient.from_config(s.redis, clock=self.reactor)
+        self.spool: Any
+        if spool_backend(c) == "redis":
+            assert self.redis is not None
+            self.spool = RedisSpool.from_config(self.redis, c, clock=self.clock)
+        else:
+            self.spool = FileSpool(s.spool.dir, clock=self.clock)
         self.auth_checker = UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords) \
             if s.auth.enabled else None
         self.directory = LocalDirectory(
@@ -188,6 +197,10 @@ class SmtpService(service.MultiService):
         self.readiness = Readiness([SpoolIndicator(self.spool, backend=backend)])
         if backend == "file":
             self.readiness.add(DiskSpaceIndicator([s.spool.dir, s.storage.mailboxDir]))
+        else:
+            self.readiness.add(DiskSpaceIndicator([s.storage.tempDir, s.storage.mailboxDir]))
+        if self.redis is not None:
+            self.readiness.add(RedisHealthIndicator(self.redis))
         self.health_indicators = [FunctionIndicator("listeners", self._listeners_health)]
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
@@ -353,7 +366,12 @@ class SmtpService(service.MultiService):
         yield self.scheduler.stop(max(0.0, deadline - time.monotonic()) + 1.0)
         release_all = getattr(self.spool, "release_all", None)
         if release_all is not None:
-            release_all()
+            yield defer.maybeDeferred(release_all)
+        close = getattr(self.spool, "close", None)
+        if close is not None:
+            close()
+        if self.redis is not None:
+            yield self.redis.close()
         if self.management_port is not None:
             yield self.management_port.stopListening()
         log.info("shutdown complete", event="shutdown_complete")

@@ -24,8 +24,38 @@ def load_or_exit(path: str | None) -> cfg.Config:
         raise SystemExit(2) from None
 
 
+def check_redis_reachable(config: cfg.Config) -> None:
+    """Refuse to start when Redis is selected but not answering (a blocking check is fine here:
+    the reactor is not running yet)."""
+    import socket
+
+    from kotlin_smtp_py.redisconn import parse_target
+
+    redis = config.smtp.redis
+    if redis is None:
+        return
+    needs = (cfg.spool_backend(config) == "redis" or config.smtp.rateLimit.backend == "redis"
+             or config.smtp.auth.rateLimitBackend == "redis")
+    if not needs:
+        return
+    target = parse_target(redis)
+    hosts = list(target.sentinels) or [(target.host, target.port)]
+    timeout = max(redis.connectTimeoutMs, 1) / 1000.0
+    errors = []
+    for host, port in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except OSError as exc:
+            errors.append(f"{host}:{port}: {exc.strerror or exc}")
+    sys.stderr.write(f"kotlin-smtp: cannot start: Redis at {target.describe()} is unreachable "
+                     f"({'; '.join(errors)})\n")
+    raise SystemExit(1)
+
+
 def make_service(config_path: str | None) -> Any:
     config = load_or_exit(config_path)
+    check_redis_reachable(config)
     from kotlin_smtp_py.service import build_service
 
     try:

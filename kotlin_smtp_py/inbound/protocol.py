@@ -783,11 +783,15 @@ class SMTPServerProtocol(smtp.ESMTP):
             return R(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
         def failed(f: Failure) -> SmtpReply:
-            log.failure("session {session}: spool commit failed", f, session=self.session_id,
-                        event="spool_error")
-            self.factory.message_rejected(self, STORAGE_FAILED)
+            reply = STORAGE_FAILED
+            if getattr(tx.writer, "too_big", False):  # the spool's own limit (Redis maxRawBytes)
+                reply = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            else:
+                log.failure("session {session}: spool commit failed", f,
+                            session=self.session_id, event="spool_error")
+            self.factory.message_rejected(self, reply)
             self._after_transaction()
-            return STORAGE_FAILED
+            return reply
 
         return d.addCallbacks(stored, failed)
 

@@ -92,6 +92,7 @@ class Scheduler:
         self._pending_call: Any = None
         self._in_flight: dict[str, defer.Deferred[None]] = {}
         self._stopping = False
+        self._last_error: str | None = None
         self.paused = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -148,10 +149,19 @@ class Scheduler:
                 self._again = False
                 self.trigger()
 
-        def failed(f: Any) -> None:
-            log.failure("spool pass failed; will retry on the next tick", f)
+        def succeeded(result: object) -> None:
+            if self._last_error is not None:
+                log.info("spool passes work again after: {error}", error=self._last_error,
+                         event="spool_recovered")
+                self._last_error = None
 
-        d.addErrback(failed).addBoth(finished)
+        def failed(f: Any) -> None:
+            error = f"{type(f.value).__name__}: {f.value}"
+            if error != self._last_error:  # one traceback per distinct outage, not per tick
+                log.failure("spool pass failed; deliveries pause until it works again", f)
+            self._last_error = error
+
+        d.addCallbacks(succeeded, failed).addBoth(finished)
         return None
 
     async def _run_pass(self) -> None:

@@ -49,6 +49,7 @@ def make_server(tmp_path: Path, certs: CertSet, reactor_thread: None
                 "limits": {"maxMessageSizeBytes": 1_000_000},
                 "lifecycle": {"gracefulShutdownTimeoutMs": 2000},
             },
+            "management": {"server": {"port": 0}},
         }
         if tls:
             base["smtp"]["ssl"] = {"enabled": True, "certChainFile": str(certs.cert),

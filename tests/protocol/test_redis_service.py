@@ -1,0 +1,78 @@
+"""The full server on the Redis spool: delivery, outage answers 451, several nodes share work."""
+
+from __future__ import annotations
+
+import smtplib
+import uuid
+from typing import Any
+
+from helpers import RedisServer, wait_until
+from protocol_support import Client
+
+
+def _redis_overrides(redis: RedisServer, prefix: str) -> dict[str, Any]:
+    return {"smtp": {"redis": {"url": redis.url, "commandTimeoutMs": 1000,
+                               "connectTimeoutMs": 1000},
+                     "spool": {"type": "redis", "redis": {"keyPrefix": prefix}}}}
+
+
+def test_redis_spool_delivers_to_maildir(make_server: Any, redis_server: RedisServer) -> None:
+    srv = make_server(_redis_overrides(redis_server, f"t:{uuid.uuid4().hex}"))
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.sendmail("a@remote.test", ["alice@localhost"],
+                   b"Subject: via redis\r\n\r\n\xff\xfe binary-ish body\r\n")
+    (msg,) = srv.wait_messages("alice", 1)
+    assert msg.endswith(b"\xff\xfe binary-ish body\r\n")
+    wait_until(lambda: srv.service.spool.pending_count() == 0, message="redis queue drained")
+
+
+def test_two_nodes_share_one_redis_queue_exactly_once(make_server: Any,
+                                                     redis_server: RedisServer) -> None:
+    prefix = f"t:{uuid.uuid4().hex}"
+    a = make_server(_redis_overrides(redis_server, prefix))
+    b = make_server(_redis_overrides(redis_server, prefix))
+    # Both nodes deliver into node A's mailbox tree so duplicates would be visible in one place.
+    b.service.directory.mailbox_dir = str(a.root / "mailboxes")
+    tokens = []
+    for i in range(40):
+        token = f"token-{i}-{uuid.uuid4().hex}"
+        tokens.append(token)
+        with smtplib.SMTP("127.0.0.1", (a if i % 2 else b).port) as s:
+            s.sendmail("x@remote.test", ["alice@localhost"], f"Subject: {token}\r\n\r\n{token}\r\n")
+    msgs = a.wait_messages("alice", 40, timeout=30)
+    bodies = b"".join(msgs).decode()
+    assert all(bodies.count(t) == 2 for t in tokens)  # subject + body: exactly one copy each
+    assert len(msgs) == 40
+
+
+def test_redis_outage_answers_451_and_recovers(make_server: Any) -> None:
+    redis = RedisServer(appendonly=True)
+    redis.start()
+    try:
+        srv = make_server(_redis_overrides(redis, f"t:{uuid.uuid4().hex}"))
+        redis.stop()
+        c = Client(srv.port)
+        c.reply()
+        c.cmd("EHLO c.test")
+        c.cmd("MAIL FROM:<a@remote.test>")
+        c.cmd("RCPT TO:<alice@localhost>")
+        code, lines = c.cmd("DATA")
+        if code == 354:
+            c.send(b"Subject: lost?\r\n\r\nx\r\n.\r\n")
+            code, lines = c.reply()
+        assert (code, lines[0][:5]) == (451, "4.3.0")
+        redis.start()
+
+        def delivered() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", srv.port) as s:
+                    s.sendmail("a@remote.test", ["alice@localhost"], b"Subject: back\r\n\r\ny\r\n")
+                return True
+            except smtplib.SMTPException:
+                return False
+
+        wait_until(delivered, timeout=30, interval=0.2, message="accepting again after restart")
+        (msg,) = srv.wait_messages("alice", 1)
+        assert b"Subject: back" in msg
+    finally:
+        redis.cleanup()
