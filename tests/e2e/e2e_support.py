@@ -218,3 +218,39 @@ def fail_or_skip(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"required under CI: {reason}")
     pytest.skip(reason)
+
+
+class Dsn:
+    """A delivery status notification as found in a Maildir: parsed enough to assert on."""
+
+    def __init__(self, raw: bytes) -> None:
+        import email
+        import email.policy
+
+        self.raw = raw
+        self.msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        self.content_type = self.msg.get_content_type()
+        self.report_type = self.msg.get_param("report-type")
+        status = [p for p in self.msg.walk() if p.get_content_type() == "message/delivery-status"]
+        assert len(status) == 1, "no message/delivery-status part"
+        text = raw.decode("utf-8", "replace")
+        start = text.index("Content-Type: message/delivery-status")
+        boundary = str(self.msg.get_param("boundary"))
+        block = text[start:text.index(f"--{boundary}", start)]
+        self.fields: list[tuple[str, str]] = []
+        for line in block.split("\r\n")[1:]:
+            if ":" in line and not line.startswith((" ", "\t")):
+                k, _, v = line.partition(":")
+                self.fields.append((k.strip().lower(), v.strip()))
+
+    def all(self, key: str) -> list[str]:
+        return [v for k, v in self.fields if k == key.lower()]
+
+    def one(self, key: str) -> str:
+        values = self.all(key)
+        assert len(values) == 1, (key, values)
+        return values[0]
+
+    @property
+    def sender(self) -> str:
+        return str(self.msg.get("Return-Path", ""))

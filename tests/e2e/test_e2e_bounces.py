@@ -1,0 +1,112 @@
+"""Permanent failures and RFC 3461 NOTIFY, end to end: the DSN (or its absence) is observed in
+the sender's local Maildir after real deliveries to a scripted peer."""
+
+from __future__ import annotations
+
+from e2e_support import Dsn, message, submit
+from outbound_sink import Behaviour
+
+HARD = {"hard@normal.test": b"550 5.1.1 <hard@normal.test>: no such user here"}
+
+
+def test_permanent_failure_bounces_at_once(e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour(rcpt=HARD))
+    server = e2e_server()
+    submit(server, certs, "carol@localhost", ["hard@normal.test", "fine@normal.test"],
+           message("hard bounce"))
+    [raw] = server.pump(lambda: server.messages("carol"), message="the failure DSN")
+    server.pump(lambda: not server.entries(), message="an empty queue")
+    assert len(sink.sessions) == 1, "a 5xx recipient must not be retried"
+    dsn = Dsn(raw)
+    assert raw.startswith(b"Return-Path: <>\r\n")
+    assert dsn.content_type == "multipart/report"
+    assert dsn.one("Final-Recipient") == "rfc822; hard@normal.test"
+    assert dsn.one("Action") == "failed"
+    assert dsn.one("Status") == "5.1.1"
+    assert dsn.one("Remote-MTA") == "dns; mx.test"
+    assert dsn.one("Diagnostic-Code") == \
+        "smtp; 550 5.1.1 <hard@normal.test>: no such user here"
+    assert [t.rcpts for t in sink.transactions] == [["RCPT TO:<fine@normal.test>"]]
+
+
+def _assert_no_dsn(server, sink) -> None:
+    server.pump(lambda: sink.sessions and not server.entries(),
+                message="the attempt and an empty queue")
+    server.settle()
+    # A DSN is queued before the failed recipient leaves its entry: an empty queue and an idle
+    # scheduler mean any notice would be in the Maildir by now.
+    assert server.messages("carol") == []
+    assert server.entries() == []
+
+
+def test_no_dsn_for_null_sender(e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour(rcpt=HARD))
+    server = e2e_server()
+    submit(server, certs, "", ["hard@normal.test"], message("null sender"))
+    _assert_no_dsn(server, sink)
+    assert [c for c in sink.sessions[0].commands if c.startswith("MAIL")][0].startswith(
+        "MAIL FROM:<> ")
+
+
+def test_notify_never_suppresses_the_dsn(e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour(rcpt=HARD))
+    server = e2e_server()
+    submit(server, certs, "carol@localhost", ["hard@normal.test"], message("never"),
+           rcpt_options=("NOTIFY=NEVER",))
+    _assert_no_dsn(server, sink)
+
+
+def test_notify_success_yields_a_success_dsn(e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour())
+    server = e2e_server()
+    submit(server, certs, "carol@localhost", ["good@normal.test"], message("success"),
+           rcpt_options=("NOTIFY=SUCCESS",))
+    [raw] = server.pump(lambda: server.messages("carol"), message="the success DSN")
+    assert len(sink.transactions) == 1
+    dsn = Dsn(raw)
+    assert dsn.one("Final-Recipient") == "rfc822; good@normal.test"
+    assert dsn.one("Action") == "delivered"
+    assert dsn.one("Status").startswith("2.")
+    # The peer offered DSN: NOTIFY went on with the recipient (our duty now ends there).
+    [rcpt] = sink.transactions[0].rcpts
+    assert rcpt.startswith("RCPT TO:<good@normal.test> ") and "NOTIFY=SUCCESS" in rcpt, rcpt
+
+
+def test_notify_delay_gives_one_delay_notice(e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour(rcpt={"slow@normal.test": b"451 4.7.1 try later"}))
+    server = e2e_server()
+    submit(server, certs, "carol@localhost", ["slow@normal.test"], message("delay"),
+           rcpt_options=("NOTIFY=DELAY",))
+    [raw] = server.pump(lambda: server.messages("carol"), message="the delay notice")
+    dsn = Dsn(raw)
+    assert dsn.one("Action") == "delayed"
+    assert dsn.one("Status").startswith("4.")
+    assert "451 4.7.1 try later" in dsn.one("Diagnostic-Code")
+    assert len(sink.sessions) == 1
+    # Two more failed attempts: no second notice.
+    for n in (1, 2):
+        server.settle()
+        [entry] = server.entries()
+        server.advance(entry["next_attempt"] - server.now())
+        server.pump(lambda n=n: len(sink.sessions) == n + 1, message=f"retry {n}")
+        server.pump(lambda n=n: [e for e in server.entries() if e["attempts"] == n + 1],
+                    message=f"entry deferred after attempt {n + 1}")
+    server.settle()
+    assert len(server.messages("carol")) == 1, "the delay notice was sent more than once"
+
+
+def test_a_failing_dsn_never_produces_another(e2e_server, sinks, certs) -> None:
+    """Loop freedom: the sender is remote and its MX refuses both the message and the DSN."""
+    sink = sinks.start(behaviour=Behaviour(rcpt={
+        "hard@normal.test": b"550 5.1.1 no such user",
+        "carol@normal.test": b"550 5.1.1 sender mailbox gone"}))
+    server = e2e_server()
+    submit(server, certs, "carol@normal.test", ["hard@normal.test"], message("loop"))
+    server.pump(lambda: len(sink.sessions) >= 2 and not server.entries(),
+                message="the bounce attempt and an empty queue")
+    server.settle()
+    assert len(sink.sessions) == 2
+    bounce = sink.sessions[1]
+    assert any(c.startswith("MAIL FROM:<> ") for c in bounce.commands)
+    assert any(c.startswith("RCPT TO:<carol@normal.test>") for c in bounce.commands)
+    assert server.entries() == []
