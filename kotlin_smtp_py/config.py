@@ -418,20 +418,12 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T:
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {yaml_key(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    data = _expand_dotted(data, fields)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
         sub = f"{path}.{key}" if path else key
         if key not in fields:
-            # Spring-style dotted keys ("endpoints.web.exposure.include") expand into nesting.
-            head, _, rest = key.partition(".")
-            if rest and head in fields:
-                merged = dict(data.get(head) or {})
-                merged[rest] = value
-                data = {**data, head: merged}
-                kwargs[fields[head].name] = _coerce(hints[fields[head].name], merged,
-                                                    f"{path}.{head}" if path else head, problems)
-                continue
             near = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             problems.append(f"{sub}: unknown key{hint}")
@@ -439,6 +431,33 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T:
         f = fields[key]
         kwargs[f.name] = _coerce(hints[f.name], value, sub, problems)
     return cls(**kwargs)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
+
+def _expand_dotted(data: dict[Any, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Spring-style dotted keys (``endpoints.web.exposure.include``) become nesting, merged
+    with any nested spelling of the same section whatever the order."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        head, _, rest = key.partition(".")
+        if key not in fields and rest and head in fields:
+            nested: Any = value
+            for part in reversed(rest.split(".")):
+                nested = {part: nested}
+            value, key = nested, head
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
@@ -531,10 +550,14 @@ def validate(config: Config) -> list[str]:
         p.append("smtp.spool.maxRetries: must be >= 0")
     _check_choice(s.ssl.minTlsVersion, ("TLSv1.2", "TLSv1.3"), "smtp.ssl.minTlsVersion", p)
     if s.ssl.enabled:
+        readable = True
         for key, path in (("smtp.ssl.certChainFile", s.ssl.certChainFile),
                           ("smtp.ssl.privateKeyFile", s.ssl.privateKeyFile)):
             if not path or not os.access(path, os.R_OK):
                 p.append(f"{key}: file {path!r} is missing or not readable")
+                readable = False
+        if readable:
+            _check_pem(s.ssl.certChainFile, s.ssl.privateKeyFile, p)
     _check_choice(s.sentArchive.mode, ("TRUSTED_SUBMISSION", "AUTHENTICATED_ONLY", "DISABLED"),
                   "smtp.sentArchive.mode", p)
     _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
@@ -560,6 +583,32 @@ def validate(config: Config) -> list[str]:
     _check_choice(config.logging.level.lower(), ("debug", "info", "warn", "warning", "error"),
                   "logging.level", p)
     return p
+
+
+def _check_pem(cert_path: str, key_path: str, problems: list[str]) -> None:
+    """The certificate chain and key must parse and belong together."""
+    from OpenSSL import SSL, crypto
+
+    try:
+        with open(cert_path, "rb") as fh:
+            cert = crypto.load_certificate(crypto.FILETYPE_PEM, fh.read())
+    except (crypto.Error, ValueError) as exc:
+        problems.append(f"smtp.ssl.certChainFile: {cert_path} is not a PEM certificate ({exc})")
+        return
+    try:
+        with open(key_path, "rb") as fh:
+            key = crypto.load_privatekey(crypto.FILETYPE_PEM, fh.read())
+    except (crypto.Error, ValueError) as exc:
+        problems.append(f"smtp.ssl.privateKeyFile: {key_path} is not a PEM private key ({exc})")
+        return
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        ctx.use_certificate(cert)
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    except SSL.Error:
+        problems.append(f"smtp.ssl.privateKeyFile: {key_path} does not match the certificate "
+                        f"in {cert_path}")
 
 
 def _check_cidr(cidr: str, key: str, problems: list[str]) -> None:
