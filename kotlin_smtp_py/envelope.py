@@ -187,6 +187,7 @@ class Envelope:
     message_id: str | None = None
     is_dsn: bool = False
     archive_owner: str | None = None  # local user whose sent/ folder gets a copy
+    requiretls: bool = False  # RFC 8689 MAIL FROM ... REQUIRETLS
 
     def with_recipients(self, recipients: tuple[Recipient, ...]) -> Envelope:
         return replace(self, recipients=recipients)
@@ -198,6 +199,7 @@ class Envelope:
             "smtputf8": self.smtputf8, "body": self.body, "ret": self.ret, "envid": self.envid,
             "size": self.size, "received_at": self.received_at, "message_id": self.message_id,
             "is_dsn": self.is_dsn, "archive_owner": self.archive_owner,
+            "requiretls": self.requiretls,
         }
 
     @classmethod
@@ -211,6 +213,7 @@ class Envelope:
             ret=data.get("ret"), envid=data.get("envid"), size=int(data.get("size", 0)),
             received_at=float(data.get("received_at", 0.0)), message_id=data.get("message_id"),
             is_dsn=bool(data.get("is_dsn", False)), archive_owner=data.get("archive_owner"),
+            requiretls=bool(data.get("requiretls", False)),
         )
 
 

@@ -453,6 +453,8 @@ class SMTPServerProtocol(smtp.ESMTP):
             ext.append("STARTTLS")
         if self._auth_offered():
             ext.append("AUTH PLAIN LOGIN")
+        if self._tls:
+            ext.append("REQUIRETLS")
         if self.factory.etrn is not None:
             ext.append("ETRN")
         ext.append("HELP")
@@ -570,6 +572,11 @@ class SMTPServerProtocol(smtp.ESMTP):
             elif key == "AUTH":
                 if not value:
                     return SYNTAX
+            elif key == "REQUIRETLS":
+                if value is not None:
+                    return SYNTAX
+                if not self._tls:
+                    return R(530, "5.7.10", "REQUIRETLS needs a TLS session")
             else:
                 return R(555, "5.5.4", f"Unsupported MAIL parameter {key}")
         return None
@@ -769,7 +776,8 @@ class SMTPServerProtocol(smtp.ESMTP):
             envid=xtext_decode(params["ENVID"] or "") if params.get("ENVID") else None,
             size=tx.writer.size, received_at=self.clock.seconds(),
             message_id=tx.header.message_id,
-            archive_owner=self.factory.archive_owner(self.session_info(), tx.sender))
+            archive_owner=self.factory.archive_owner(self.session_info(), tx.sender),
+            requiretls="REQUIRETLS" in params)
         d: defer.Deferred[QueueEntry] = tx.writer.commit(envelope)
 
         def stored(entry: QueueEntry) -> SmtpReply:
