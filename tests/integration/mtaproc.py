@@ -35,7 +35,10 @@ PYTHON = str(VENV_BIN / "python")
 def proc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
-    env.pop("KOTLIN_SMTP_CONFIG", None)
+    # hermetic: placeholders of the embedded default config must not leak in from the caller
+    for key in list(env):
+        if key.startswith(("SMTP_", "KOTLIN_SMTP")) or key in ("MANAGEMENT_PORT", "LOG_FORMAT"):
+            del env[key]
     if extra:
         env.update(extra)
     return env
