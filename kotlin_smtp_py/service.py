@@ -280,7 +280,25 @@ class SmtpService(service.MultiService):
             return SmtpReply(530, "5.7.0", "Authentication required for ETRN")
         if not self.trigger_gate.fire():
             return SmtpReply(458, "4.3.0", "Unable to queue messages now, try again later")
+        # A bare trigger only runs entries already due; ETRN means "retry this domain's
+        # deferred mail now" (RFC 1985), like `queue flush` restricted to the domain.
+        self._etrn_release(arg).addErrback(lambda f: log.failure("ETRN {arg} failed", f, arg=arg))
         return SmtpReply(250, "2.0.0", "Queuing started")
+
+    @defer.inlineCallbacks
+    def _etrn_release(self, arg: str) -> Any:
+        """Make entries with a pending recipient in ``arg`` due now (``@dom``: subdomains too)."""
+        wanted = arg.strip().lower().rstrip(".")
+        subdomains = wanted.startswith("@")
+        wanted = wanted.lstrip("@")
+        released = 0
+        for e in (yield self.spool.list_entries()):
+            domains = {r.rpartition("@")[2].lower() for r in e.recipients}
+            if any(d == wanted or (subdomains and d.endswith("." + wanted)) for d in domains):
+                released += yield self.spool.retry_now(e.queue_id)
+        if released:
+            self.scheduler.trigger()
+        return released
 
     # -- lifecycle -----------------------------------------------------------------------------
 
