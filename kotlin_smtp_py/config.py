@@ -51,6 +51,7 @@ class ListenerConfig:
     proxyProtocol: bool = False
     allowPlaintextAuth: bool = False
     pregreetCheck: bool | None = None  # None = on for port 25 only
+    pregreetDelayMs: int = 1000
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class AuthConfig:
     rateLimitMaxFailures: int = 5
     rateLimitWindowSeconds: int = 300
     rateLimitLockoutSeconds: int = 600
+    failureDelayMs: int = 500
     rateLimitRedis: AuthRedisConfig = field(default_factory=AuthRedisConfig)
 
 
@@ -150,7 +152,20 @@ class RateLimitConfig:
     backend: str = "local"
     maxConnectionsPerIp: int = 10
     maxMessagesPerIpPerHour: int = 100
+    # Like Postfix's smtpd_client_event_limit_exceptions ($mynetworks): local clients are exempt.
+    exemptCidrs: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     redis: RateLimitRedisConfig = field(default_factory=RateLimitRedisConfig)
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    """Extension points loaded by dotted path or ``plugin:<name>`` (docs/EXTENDING.md)."""
+
+    commandInterceptors: list[str] = field(default_factory=list)
+    eventHooks: list[str] = field(default_factory=list)
+    authService: str = ""
+    routingPolicy: str = ""
+    localDelivery: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,17 +224,31 @@ class MtaStsConfig:
     enabled: bool = False
     connectTimeoutMs: int = 3000
     readTimeoutMs: int = 5000
+    policyCacheDir: str = ""  # empty = <smtp.spool.dir>/mta-sts (persisted across restarts)
+    httpsPortOverride: int = 0  # TEST ONLY: fetch policies from this port instead of 443
 
 
 @dataclass(frozen=True)
 class DaneConfig:
     enabled: bool = False
+    mode: str = "rfc7672"  # rfc7672 (DNSSEC-authenticated TLSA) | basic (TLSA present → TLS)
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    enabled: bool = False
+    reportingOrg: str = ""  # empty = smtp.hostname
+    contactInfo: str = ""  # empty = postmaster@<smtp.hostname>
+    intervalSeconds: int = 86400
+    fromAddress: str = ""  # empty = postmaster@<smtp.hostname>
+    stateDir: str = ""  # empty = <smtp.spool.dir>/tls-rpt
 
 
 @dataclass(frozen=True)
 class OutboundPolicyConfig:
     mtaSts: MtaStsConfig = field(default_factory=MtaStsConfig)
     dane: DaneConfig = field(default_factory=DaneConfig)
+    tlsRpt: TlsRptConfig = field(default_factory=TlsRptConfig)
 
 
 @dataclass(frozen=True)
@@ -253,6 +282,7 @@ class SmtpConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     rateLimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -562,6 +592,12 @@ def validate(config: Config) -> list[str]:
                   "smtp.sentArchive.mode", p)
     _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
     _check_choice(s.rateLimit.backend, ("local", "redis"), "smtp.rateLimit.backend", p)
+    _check_choice(s.relay.outboundPolicy.dane.mode, ("rfc7672", "basic"),
+                  "smtp.relay.outboundPolicy.dane.mode", p)
+    _check_port(s.relay.outboundPolicy.mtaSts.httpsPortOverride,
+                "smtp.relay.outboundPolicy.mtaSts.httpsPortOverride", p)
+    if s.relay.outboundPolicy.tlsRpt.intervalSeconds < 60:
+        p.append("smtp.relay.outboundPolicy.tlsRpt.intervalSeconds: must be >= 60")
     if not s.auth.allowPlaintextPasswords:
         plain = sorted(u for u, v in s.auth.users.items() if not is_bcrypt_hash(v))
         if plain:
@@ -571,6 +607,8 @@ def validate(config: Config) -> list[str]:
         _check_cidr(cidr, f"smtp.proxy.trustedCidrs[{i}]", p)
     for i, cidr in enumerate(s.relay.allowedClientCidrs):
         _check_cidr(cidr, f"smtp.relay.allowedClientCidrs[{i}]", p)
+    for i, cidr in enumerate(s.rateLimit.exemptCidrs):
+        _check_cidr(cidr, f"smtp.rateLimit.exemptCidrs[{i}]", p)
     if s.relay.enabled and s.relay.failOnOpenRelay and relay_is_open(config):
         p.append("smtp.relay: relay is open to anyone (requireAuthForRelay=false and no "
                  "allowedClientCidrs/allowedSenderDomains) and failOnOpenRelay=true")

@@ -492,3 +492,47 @@ def make_limiters(config: Config, redis: RedisClient | None = None,
             auth.rateLimitMaxFailures, auth.rateLimitWindowSeconds,
             auth.rateLimitLockoutSeconds, clock)
     return Limiters(connections, messages, auth_limiter)
+
+
+class _Exempt:
+    """Clients in ``smtp.rateLimit.exemptCidrs`` (default: loopback) are never limited."""
+
+    def __init__(self, networks: list[str]) -> None:
+        import ipaddress
+
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def exempt(self, ip: str) -> bool:
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in self._networks)
+
+
+@implementer(IConnectionLimiter)
+class ExemptingConnectionLimiter(_Exempt):
+    def __init__(self, inner: IConnectionLimiter, networks: list[str]) -> None:
+        super().__init__(networks)
+        self.inner = inner
+
+    def acquire(self, ip: str) -> Any:
+        return defer.succeed(True) if self.exempt(ip) else self.inner.acquire(ip)
+
+    def release(self, ip: str) -> None:
+        if not self.exempt(ip):
+            self.inner.release(ip)
+
+
+@implementer(IMessageRateLimiter)
+class ExemptingMessageRateLimiter(_Exempt):
+    def __init__(self, inner: IMessageRateLimiter, networks: list[str]) -> None:
+        super().__init__(networks)
+        self.inner = inner
+
+    def allow_message(self, ip: str) -> Any:
+        return defer.succeed(True) if self.exempt(ip) else self.inner.allow_message(ip)

@@ -36,14 +36,20 @@ class RefuseDelivery:
 class DeliveryRouter:
     def __init__(self, local_domains: frozenset[str], local: IDelivery,
                  relay: IDelivery | None = None,
-                 relay_key: Callable[[str], str] | None = None) -> None:
+                 relay_key: Callable[[str], str] | None = None,
+                 routing_policy: Any = None) -> None:
+        """``routing_policy`` (an IInboundRoutingPolicy plugin) replaces the domain list."""
         self.local_domains = local_domains
+        self.routing_policy = routing_policy
         self.local = local
         self.relay: Any = relay if relay is not None else RefuseDelivery()
         self.relay_key = relay_key or (lambda domain: domain)
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower().rstrip(".") in self.local_domains
+        domain = domain.lower().rstrip(".")
+        if self.routing_policy is not None:
+            return bool(self.routing_policy.is_local_domain(domain))
+        return domain in self.local_domains
 
     def route(self, recipient: Recipient) -> tuple[str, IDelivery]:
         domain = domain_of(recipient.address)

@@ -25,12 +25,25 @@ from kotlin_smtp_py.inbound.factory import SessionEvents, SMTPFactory
 from kotlin_smtp_py.inbound.policy import RecipientPolicy, SessionInfo
 from kotlin_smtp_py.inbound.protocol import SMTPServerProtocol
 from kotlin_smtp_py.inbound.relaypolicy import RelayAccessPolicy
-from kotlin_smtp_py.interfaces import ISpool
+from kotlin_smtp_py.interfaces import IAuthChecker, IDelivery, ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
-from kotlin_smtp_py.local.directory import LocalDirectory
+from kotlin_smtp_py.local.directory import LocalDirectory, read_list
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
 from kotlin_smtp_py.outbound.relay import RelayDelivery
+from kotlin_smtp_py.plugins import (
+    EventHooks,
+    ICommandInterceptor,
+    IEventHook,
+    IInboundRoutingPolicy,
+    InterceptorChain,
+    load_plugin,
+)
+from kotlin_smtp_py.ratelimit import (
+    ExemptingConnectionLimiter,
+    ExemptingMessageRateLimiter,
+    make_limiters,
+)
 from kotlin_smtp_py.redisconn import RedisClient, RedisHealthIndicator
 from kotlin_smtp_py.routing import DeliveryRouter
 from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
@@ -167,14 +180,21 @@ class SmtpService(service.MultiService):
             self.spool = RedisSpool.from_config(self.redis, c, clock=self.clock)
         else:
             self.spool = FileSpool(s.spool.dir, clock=self.clock)
-        self.auth_checker = UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords) \
-            if s.auth.enabled else None
+        self.auth_checker: Any = None
+        if s.auth.enabled:
+            self.auth_checker = load_plugin(s.plugins.authService, IAuthChecker, c) \
+                if s.plugins.authService else \
+                UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords)
         self.directory = LocalDirectory(
             s.storage.mailboxDir, s.storage.listsDir,
             auth_user=(self.auth_checker.has_user if self.auth_checker else lambda _: False))
         local_domains = s.routing.all_local_domains()
-        self.local_delivery = LocalDelivery(self.directory, lambda d: d in local_domains,
-                                            resubmit=self._resubmit)
+        routing_policy = load_plugin(s.plugins.routingPolicy, IInboundRoutingPolicy, c) \
+            if s.plugins.routingPolicy else None
+        self.local_delivery: Any = load_plugin(s.plugins.localDelivery, IDelivery, c) \
+            if s.plugins.localDelivery else \
+            LocalDelivery(self.directory, lambda d: self.router.is_local_domain(d),
+                          resubmit=self._resubmit)
         self._trusted_networks = [ipaddress.ip_network(n, strict=False)
                                   for n in s.relay.allowedClientCidrs]
         relay: RelayDelivery | None = None
@@ -183,7 +203,8 @@ class SmtpService(service.MultiService):
             relay = RelayDelivery.from_config(c, self.reactor)
             self.relay_policy = RelayAccessPolicy.from_config(s.relay)
         self.router = DeliveryRouter(local_domains, self.local_delivery, relay,
-                                     relay.route_key if relay is not None else None)
+                                     relay.route_key if relay is not None else None,
+                                     routing_policy)
         self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory,
                                                 self._relay_allowed if relay else None)
         self.bouncer = SpoolBouncer(self.spool, s.hostname, self.clock, self.metrics)
@@ -205,6 +226,7 @@ class SmtpService(service.MultiService):
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
         self.tls_context = build_tls_context(c) if s.ssl.enabled else None
+        self._build_plugins()
 
     def _archive_owner(self, session: SessionInfo, sender: Address | None) -> str | None:
         """sentArchive: TRUSTED_SUBMISSION = authenticated, or a trusted client (relay
@@ -253,6 +275,24 @@ class SmtpService(service.MultiService):
 
         return d.addCallback(queued)
 
+    def _build_plugins(self) -> None:
+        """Limiters and extension points from ``smtp.rateLimit``/``smtp.auth``/``smtp.plugins``."""
+        c = self.config
+        s = c.smtp
+        limiters = make_limiters(c, self.redis, clock=self.reactor)
+        self.connection_limiter = ExemptingConnectionLimiter(limiters.connections,
+                                                             s.rateLimit.exemptCidrs)
+        self.message_limiter = ExemptingMessageRateLimiter(limiters.messages,
+                                                           s.rateLimit.exemptCidrs)
+        self.auth_limiter = limiters.auth
+        p = s.plugins
+        self.interceptors = InterceptorChain(
+            [load_plugin(spec, ICommandInterceptor, c) for spec in p.commandInterceptors]) \
+            if p.commandInterceptors else None
+        if p.eventHooks:
+            self.session_events.append(EventHooks(  # type: ignore[arg-type]
+                [load_plugin(spec, IEventHook, c) for spec in p.eventHooks]))
+
     def make_factory(self, listener: Any) -> SMTPFactory:
         s = self.config.smtp
         factory = SMTPFactory(
@@ -265,6 +305,16 @@ class SmtpService(service.MultiService):
             events=self.session_events, on_accepted=lambda _: self.scheduler.trigger())
         if s.features.etrnEnabled:
             factory.etrn = self._etrn
+        if s.features.vrfyEnabled:
+            factory.vrfy = self._vrfy
+        if s.features.expnEnabled:
+            factory.expn = self._expn
+        factory.connection_limiter = self.connection_limiter
+        factory.message_limiter = self.message_limiter
+        factory.auth_limiter = self.auth_limiter
+        factory.auth_failure_delay = s.auth.failureDelayMs / 1000.0
+        factory.pregreet_delay = listener.pregreetDelayMs / 1000.0
+        factory.interceptors = self.interceptors
         factory.archive_owner = self._archive_owner  # type: ignore[method-assign]
         return factory
 
@@ -272,6 +322,33 @@ class SmtpService(service.MultiService):
         limit = self.config.smtp.limits.maxMessageSizeBytes
         spool_limit = getattr(self.spool, "max_message_bytes", None)
         return min(limit, spool_limit) if spool_limit else limit
+
+    def _local_name(self, arg: str) -> str | None:
+        """``alice``, ``<alice@localhost>`` or ``alice@localhost`` → the local name, if any."""
+        text = arg.strip().strip("<>")
+        local, at, domain = text.rpartition("@")
+        if not at:
+            local = text
+        elif not self.router.is_local_domain(domain):
+            return None
+        return self.directory.resolve(local) if local else None
+
+    def _vrfy(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
+        if not arg:
+            return SmtpReply(501, "5.5.4", "Syntax: VRFY address")
+        if self._local_name(arg) is None:
+            return SmtpReply(550, "5.1.1", "User unknown")
+        return SmtpReply(252, "2.5.0", "User exists; send mail to attempt delivery")
+
+    def _expn(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
+        if session.session_info().auth_user is None:
+            return SmtpReply(530, "5.7.0", "Authentication required for EXPN")
+        name = self._local_name(arg) if arg else None
+        path = self.directory.list_path(name) if name else None
+        if path is None:
+            return SmtpReply(550, "5.1.1", "No such list")
+        members = read_list(path)
+        return SmtpReply(250, "2.1.5", "\n".join(f"<{m}>" for m in members) or "(empty list)")
 
     def _etrn(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
         if not arg:

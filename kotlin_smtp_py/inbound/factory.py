@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from kotlin_smtp_py.config import ListenerConfig
@@ -23,7 +23,6 @@ from kotlin_smtp_py.status import SmtpReply
 
 log = Logger()
 
-AUTH_FAILED = SmtpReply(535, "5.7.8", "Authentication credentials invalid")
 
 
 class SessionEvents:
@@ -73,7 +72,13 @@ class SMTPFactory(protocol.ServerFactory):
         self.sender_checks: list[
             Callable[[SMTPServerProtocol, Address | None],
                      defer.Deferred[SmtpReply | None] | None]] = []
-        self.auth_limiter: Any = None
+        self.auth_limiter: Any = None  # ratelimit.IAuthFailureLimiter
+        self.connection_limiter: Any = None  # ratelimit.IConnectionLimiter
+        self.message_limiter: Any = None  # ratelimit.IMessageRateLimiter
+        self.auth_failure_delay = 0.0
+        self.pregreet_delay = 0.0
+        self.interceptors: Any = None  # plugins.InterceptorChain
+        self._counted: set[SMTPServerProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # type: ignore[override]
         p = SMTPServerProtocol()
@@ -105,14 +110,37 @@ class SMTPFactory(protocol.ServerFactory):
 
     # -- policy hooks --------------------------------------------------------------------------
 
-    def admission(self, session: SMTPServerProtocol) -> SmtpReply | None:
+    def pregreet_check(self, listener: ListenerConfig) -> bool:
+        enabled = listener.pregreetCheck
+        return bool(listener.port == 25 if enabled is None else enabled)
+
+    @defer.inlineCallbacks
+    def _admit(self, session: SMTPServerProtocol) -> Any:
         if self.shutting_down:
             return SmtpReply(421, "4.3.2", f"{self.hostname} Service shutting down")
         for check in self.admission_checks:
             refusal = check(session)
             if refusal is not None:
                 return refusal
+        if self.connection_limiter is not None:
+            allowed = yield self.connection_limiter.acquire(session.peer_ip)
+            if not allowed:
+                log.info("too many connections from {peer}", peer=session.peer_ip,
+                         event="connection_limited")
+                return SmtpReply(421, "4.7.0", "Too many connections from your address")
+            self._counted.add(session)
+        if self.pregreet_check(session.listener) and self.pregreet_delay > 0:
+            yield task.deferLater(self.clock, self.pregreet_delay, lambda: None)
         return None
+
+    def admission(self, session: SMTPServerProtocol) -> defer.Deferred[SmtpReply | None]:
+        """Decides whether a new session gets its greeting (Deferred of a refusal or None)."""
+        return self._admit(session)  # type: ignore[no-any-return]
+
+    def release_connection(self, session: SMTPServerProtocol) -> None:
+        if session in self._counted:
+            self._counted.discard(session)
+            self.connection_limiter.release(session.peer_ip)
 
     def check_sender(self, session: SMTPServerProtocol,
                      sender: Address | None) -> defer.Deferred[SmtpReply | None] | None:
@@ -138,15 +166,6 @@ class SMTPFactory(protocol.ServerFactory):
     def archive_owner(self, session: Any, sender: Address | None) -> str | None:
         """Whose sent/ folder gets a copy of this message (None: no copy); see sentArchive."""
         return None
-
-    def auth_locked(self, session: SMTPServerProtocol) -> SmtpReply | None:
-        return None
-
-    def auth_failed(self, session: SMTPServerProtocol, user: str) -> Any:
-        return AUTH_FAILED
-
-    def auth_succeeded(self, session: SMTPServerProtocol, user: str) -> None:
-        pass
 
     # -- shutdown ------------------------------------------------------------------------------
 

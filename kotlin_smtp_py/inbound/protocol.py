@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -38,6 +38,7 @@ from kotlin_smtp_py.envelope import Address, AddressError, Envelope, Recipient, 
 from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, TOO_BIG, DataDecoder
 from kotlin_smtp_py.inbound.policy import SessionInfo
 from kotlin_smtp_py.interfaces import ISpoolWriter
+from kotlin_smtp_py.plugins import DROP, CommandContext, Stage
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import SmtpReply
 
@@ -63,6 +64,9 @@ UNRECOGNIZED = R(500, "5.5.2", "Command unrecognized")
 LINE_TOO_LONG_REPLY = R(500, "5.5.2", "Line too long")
 STORAGE_FAILED = R(451, "4.3.0", "Requested action aborted: local storage error, try again later")
 TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
+DROP_REPLY = R(421, "4.7.0", "Closing connection")  # identity-compared: close without a reply
+AUTH_LOCKED = R(454, "4.7.0", "Too many authentication failures, try again later")
+MESSAGE_RATE = R(451, "4.7.0", "Too many messages from your address, try again later")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([^= \x00-\x1f]*))?\Z")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 
@@ -195,6 +199,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._auth_state: tuple[str, list[str]] | None = None
         self._tls = False
         self._errors = 0
+        self._auth_refusals = 0
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_refusal: SmtpReply | None = None
@@ -203,6 +208,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._started = 0.0
         self.peer_ip = ""
         self.peer_port = 0
+        self._greeted = False
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -229,13 +235,31 @@ class SMTPServerProtocol(smtp.ESMTP):
         if self._tls:
             self._arm_handshake_timer()
         self._arm_idle_timer()
-        refusal = self.factory.admission(self)
+        # Until the greeting is out, input is only buffered: that is how a client that talks
+        # first (pre-greeting, like Postfix's postscreen test) is recognised.
+        self._busy = True
+        d = self.factory.admission(self)
+        d.addErrback(self._internal_error)
+        d.addCallback(self._greet)
+
+    def _greet(self, refusal: SmtpReply | None) -> None:
+        if self._closing:
+            return
         if refusal is not None:
             self._send(refusal)
             self._close()
             return
+        if self._buf and self.factory.pregreet_check(self.listener):
+            log.info("session {session} from {peer} talked before the greeting",
+                     session=self.session_id, peer=self.peer_ip, event="pregreet")
+            self._send(R(554, "5.5.1", "Protocol error: talking too soon"))
+            self._close()
+            return
         self._send(R(220, "", f"{self.factory.hostname} {self.listener.serviceName} "
                               "kotlin-smtp-py ready"))
+        self._greeted = True
+        self._busy = False
+        self._process()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
@@ -245,6 +269,8 @@ class SMTPServerProtocol(smtp.ESMTP):
                 call.cancel()
         self._abort_tx()
         self.factory.session_ended(self)
+        if self._greeted or self.peer_ip:
+            self.factory.release_connection(self)
         log.info("session {session} disconnect from {peer}", session=self.session_id,
                  peer=self.peer_ip, duration_ms=int((time.monotonic() - self._started) * 1000),
                  event="session_ended")
@@ -313,11 +339,15 @@ class SMTPServerProtocol(smtp.ESMTP):
             return
         self._processing = True
         try:
-            while self._buf and not self._busy and not self._closing:
-                if self._mode == "data":
-                    self._feed_data()
-                elif self._mode == "bdat":
+            while not self._busy and not self._closing:
+                if self._mode == "bdat":
+                    if not self._buf and self._bdat_remaining > 0:
+                        break
                     self._feed_bdat()
+                elif not self._buf:
+                    break
+                elif self._mode == "data":
+                    self._feed_data()
                 elif not self._next_line():
                     break
         finally:
@@ -363,11 +393,31 @@ class SMTPServerProtocol(smtp.ESMTP):
         if handler is None:
             self._error(UNRECOGNIZED if verb else R(500, "5.5.2", "Syntax error"))
             return
-        self._run(handler, self, arg.strip())
+        arg = arg.strip()
+        self._run(self._gate, Stage.PRE_COMMAND, lambda: handler(self, arg),
+                  command=verb.upper(), argument="" if verb.upper() == "AUTH" else arg)
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _gate(self, stage: Stage, proceed: Callable[[], Any], **context: Any) -> Any:
+        """Run the command interceptors for ``stage``, then ``proceed`` unless one refuses."""
+        chain = self.factory.interceptors
+        if chain is None or not chain.wants(stage):
+            return proceed()
+        ctx = CommandContext(stage=stage, session=self.session_info(),
+                             command=context.pop("command", stage.value), **context)
+        d: defer.Deferred[Any] = chain.run(ctx)
+
+        def decided(result: Any) -> Any:
+            if result is DROP:
+                return DROP_REPLY
+            if result is not None:
+                return result
+            return proceed()
+
+        return d.addCallback(decided)
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
-            result = fn(*args)
+            result = fn(*args, **kwargs)
         except Exception:
             log.failure("session {session}: command failed", session=self.session_id)
             result = R(451, "4.3.0", "Internal error, try again later")
@@ -405,6 +455,11 @@ class SMTPServerProtocol(smtp.ESMTP):
             self.transport.write(data)
 
     def _reply(self, reply: SmtpReply) -> None:
+        if reply is DROP_REPLY:
+            log.info("session {session} dropped by policy", session=self.session_id,
+                     peer=self.peer_ip, event="session_dropped")
+            self._close()
+            return
         if reply.code >= 500 and reply.code != 552:
             self._errors += 1
         self._send(reply)
@@ -537,18 +592,30 @@ class SMTPServerProtocol(smtp.ESMTP):
                 return R(553, "5.6.7", "Address requires SMTPUTF8")
             return R(553, "5.1.7", f"Bad sender address syntax: {exc}")
         tx = Transaction(sender, params, utf8)
-        check = self.factory.check_sender(self, sender)
-        if check is None:
-            self._tx = tx
-            return R(250, "2.1.0", "Sender ok")
+        return self._gate(Stage.MAIL_FROM, lambda: self._mail_checks(tx), command="MAIL",
+                          argument=arg, sender="" if sender is None else str(sender))
 
-        def decided(refusal: SmtpReply | None) -> SmtpReply:
+    def _mail_checks(self, tx: Transaction) -> Any:
+        """Per-IP message rate, then the sender checks; 250 opens the transaction."""
+        def accept(refusal: SmtpReply | None) -> SmtpReply:
             if refusal is not None:
                 return refusal
             self._tx = tx
             return R(250, "2.1.0", "Sender ok")
 
-        return check.addCallback(decided)
+        def sender_checks(allowed: bool) -> Any:
+            if not allowed:
+                log.info("session {session}: message rate limit for {peer}",
+                         session=self.session_id, peer=self.peer_ip, event="rate_limited")
+                return MESSAGE_RATE
+            check = self.factory.check_sender(self, tx.sender)
+            return accept(None) if check is None else check.addCallback(accept)
+
+        limiter = self.factory.message_limiter
+        if limiter is None:
+            return sender_checks(True)
+        d: defer.Deferred[bool] = limiter.allow_message(self.peer_ip)
+        return d.addCallback(sender_checks)
 
     def _check_mail_params(self, params: dict[str, str | None]) -> SmtpReply | None:
         for key, value in params.items():
@@ -634,9 +701,15 @@ class SMTPServerProtocol(smtp.ESMTP):
                 tx.recipients.append(rcpt)
             return R(250, "2.1.5", "Recipient ok")
 
-        d: defer.Deferred[SmtpReply | None] = self.factory.recipient_policy.check_recipient(
-            self.session_info(), tx.sender, addr)
-        return d.addCallback(decided)
+        def policy() -> Any:
+            d: defer.Deferred[SmtpReply | None] = \
+                self.factory.recipient_policy.check_recipient(self.session_info(), tx.sender,
+                                                              addr)
+            return d.addCallback(decided)
+
+        return self._gate(Stage.RCPT_TO, policy, command="RCPT", argument=arg,
+                          sender="" if tx.sender is None else str(tx.sender),
+                          recipient=str(addr))
 
     # -- DATA / BDAT ---------------------------------------------------------------------------
 
@@ -649,7 +722,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         tx.header = HeaderFixer(tx.writer, self._received_header(tx), self.factory.hostname)
         return None
 
-    def do_DATA(self, arg: str) -> SmtpReply | None:
+    def do_DATA(self, arg: str) -> Any:
         tx = self._tx
         if arg:
             return SYNTAX
@@ -659,6 +732,20 @@ class SMTPServerProtocol(smtp.ESMTP):
             return R(503, "5.5.1", "DATA not allowed after BDAT")
         if not tx.recipients:
             return R(554, "5.5.1", "No valid recipients")
+        result = self._gate(Stage.DATA_PRE, lambda: self._start_data(tx), command="DATA",
+                            sender="" if tx.sender is None else str(tx.sender))
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._note_refused_data)
+        return self._note_refused_data(result)
+
+    def _note_refused_data(self, reply: SmtpReply | None) -> SmtpReply | None:
+        """A message refused at DATA (policy, storage) counts as rejected, like one refused
+        after its content."""
+        if reply is not None and reply is not DROP_REPLY and reply.code >= 400:
+            self.factory.message_rejected(self, reply)
+        return reply
+
+    def _start_data(self, tx: Transaction) -> SmtpReply:
         failed = self._open_writer(tx)
         if failed is not None:
             return failed
@@ -683,7 +770,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                  }.get(tx.decoder.error)
         self._run(self._end_message, tx, error)
 
-    def do_BDAT(self, arg: str) -> SmtpReply | None:
+    def do_BDAT(self, arg: str) -> Any:
         parts = arg.split()
         if not parts or len(parts) > 2 or not parts[0].isdigit() or \
                 (len(parts) == 2 and parts[1].upper() != "LAST"):
@@ -691,22 +778,29 @@ class SMTPServerProtocol(smtp.ESMTP):
         size = int(parts[0])
         last = len(parts) == 2
         tx = self._tx
-        refusal: SmtpReply | None = None
         if tx is None:
-            refusal = NEED_MAIL
-        elif not tx.recipients:
-            refusal = R(554, "5.5.1", "No valid recipients")
-        elif tx.writer is None:
-            refusal = self._open_writer(tx)
-        if refusal is None and tx is not None and not tx.bdat_used:
+            return self._begin_bdat(size, last, NEED_MAIL)
+        if not tx.recipients:
+            return self._begin_bdat(size, last, R(554, "5.5.1", "No valid recipients"))
+        if tx.writer is not None:
+            return self._begin_bdat(size, last, None)
+        gated = self._gate(Stage.DATA_PRE, lambda: self._begin_bdat(size, last,
+                                                                    self._open_writer(tx)),
+                           command="BDAT", sender="" if tx.sender is None else str(tx.sender))
+        if isinstance(gated, defer.Deferred):
+            return gated.addCallback(
+                lambda refusal: None if refusal is None else self._begin_bdat(size, last, refusal))
+        return None if gated is None else self._begin_bdat(size, last, gated)
+
+    def _begin_bdat(self, size: int, last: bool, refusal: SmtpReply | None) -> None:
+        """Read the chunk (RFC 3030: even when the command is refused); the reply comes after."""
+        tx = self._tx
+        if refusal is None and tx is not None:
             tx.bdat_used = True
-        # RFC 3030: the chunk must be read even when the command is refused.
         self._bdat_remaining = size
         self._bdat_last = last
         self._mode = "bdat"
         self._bdat_refusal = refusal
-        if size == 0:
-            self._finish_bdat_chunk()
         return None
 
     def _feed_bdat(self) -> None:
@@ -863,9 +957,6 @@ class SMTPServerProtocol(smtp.ESMTP):
         mech = parts[0].upper()
         if mech not in ("PLAIN", "LOGIN"):
             return R(504, "5.5.4", "Unrecognized authentication type")
-        locked = self.factory.auth_locked(self)
-        if locked is not None:
-            return locked
         self._auth_state = (mech, [])
         if len(parts) == 2:
             return self._auth_step(parts[1].encode("ascii", "replace"))
@@ -912,22 +1003,60 @@ class SMTPServerProtocol(smtp.ESMTP):
             user = user_b.decode("utf-8")
         except UnicodeDecodeError:
             return R(535, "5.7.8", "Authentication credentials invalid")
+        return self._gate(Stage.AUTH, lambda: self._auth_check(user, password),
+                          command="AUTH", username=user)
+
+    def _auth_check(self, user: str, password: bytes) -> Any:
         checker = self.factory.auth_checker
+        limiter = self.factory.auth_limiter
         assert checker is not None
-        d: defer.Deferred[bool] = checker.check(user, password)
 
         def done(ok: bool) -> Any:
             if ok:
                 self._auth_user = user
-                self.factory.auth_succeeded(self, user)
+                if limiter is not None:
+                    limiter.reset(self.peer_ip, user)
                 log.info("session {session} authenticated as {user}", session=self.session_id,
                          user=user, peer=self.peer_ip, event="auth_success")
                 return R(235, "2.7.0", "Authentication successful")
             log.info("session {session} authentication failed for {user}",
                      session=self.session_id, user=user, peer=self.peer_ip, event="auth_failure")
-            return self.factory.auth_failed(self, user)
+            return self._auth_failure(user)
 
-        return d.addCallback(done)
+        def check(locked: bool) -> Any:
+            if locked:
+                return self._auth_locked()
+            d: defer.Deferred[bool] = checker.check(user, password)
+            return d.addCallback(done)
+
+        if limiter is None:
+            return check(False)
+        locked: defer.Deferred[bool] = limiter.is_locked(self.peer_ip, user)
+        return locked.addCallback(check)
+
+    def _auth_locked(self) -> SmtpReply:
+        self._auth_refusals += 1
+        log.info("session {session}: AUTH locked out for {peer}", session=self.session_id,
+                 peer=self.peer_ip, event="auth_locked")
+        if self._auth_refusals >= 3:  # a client that keeps trying while locked is cut off
+            return R(421, "4.7.0", "Too many authentication failures, closing connection")
+        return AUTH_LOCKED
+
+    def _auth_failure(self, user: str) -> Any:
+        """Answer a failed AUTH after a delay (slows guessing); lock out per the limiter."""
+        limiter = self.factory.auth_limiter
+        recorded: defer.Deferred[bool] = (limiter.record_failure(self.peer_ip, user)
+                                          if limiter is not None else defer.succeed(False))
+
+        def answer(locked_now: bool) -> Any:
+            reply = AUTH_LOCKED if locked_now else R(535, "5.7.8",
+                                                     "Authentication credentials invalid")
+            delay = self.factory.auth_failure_delay
+            if delay <= 0:
+                return reply
+            return task.deferLater(self.clock, delay, lambda: reply)
+
+        return recorded.addCallback(answer)
 
     _verbs: dict[str, Callable[..., Any]] = {
         "EHLO": do_EHLO, "HELO": do_HELO, "MAIL": do_MAIL, "RCPT": do_RCPT, "DATA": do_DATA,
