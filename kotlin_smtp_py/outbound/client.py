@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kotlin_smtp_py.envelope import Recipient
+from kotlin_smtp_py.outbound.tlscheck import InspectingCreator, TlsRequirements, check_peer
 from kotlin_smtp_py.outbound.tlspolicy import TlsPolicy
 from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 
@@ -340,6 +341,12 @@ class SessionOutcome:
     results: tuple[tuple[Recipient, DeliveryStatus], ...] = ()
     host_failure: DeliveryStatus | None = None
     try_next: bool = False
+    # TLS observations for TLS-RPT: whether TLS was up, and an RFC 8460 result type on failure.
+    tls_active: bool = False
+    tls_result: str | None = None
+    tls_detail: str = ""
+    connected: bool = False
+    local_address: str = ""
 
     def per_recipient(self, recipients: Sequence[Recipient]) -> list[tuple[Recipient,
                                                                          DeliveryStatus]]:
@@ -373,7 +380,16 @@ class ClientSession:
 
     def __init__(self, reader: ReplyReader, target: Target, helo_name: str, tls: TlsPolicy,
                  message: OutboundMessage, credentials: Credentials | None,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, requirements: TlsRequirements | None = None) -> None:
+        self.requirements = requirements
+        self.tls_result: str | None = None
+        self.tls_detail = ""
+        self.local_address = ""
+        try:
+            if reader.transport is not None:
+                self.local_address = str(getattr(reader.transport.getHost(), "host", ""))
+        except Exception:  # a transport that is already gone: nothing to report
+            pass
         self.reader = reader
         self.target = target
         self.helo_name = helo_name
@@ -397,6 +413,20 @@ class ClientSession:
                                               diagnostic)
         return _HostFailure(status, try_next)
 
+    def _policy_fail(self, result_type: str, text: str, enhanced: str = "4.7.5") -> _HostFailure:
+        """A recipient-domain TLS policy was not met (RFC 8689 failures bounce with 5.7.30)."""
+        self.tls_result, self.tls_detail = result_type, text
+        req = self.requirements
+        if req is not None and req.requiretls:
+            return self._fail(Reason.TLS, f"REQUIRETLS: {text}", "5.7.30", permanent=True,
+                              diagnostic=f"x-tls; REQUIRETLS: {text}"[:300])
+        return self._fail(Reason.TLS, text, enhanced, diagnostic=f"x-tls; {text}"[:300])
+
+    def _outcome(self, **kwargs: Any) -> SessionOutcome:
+        return SessionOutcome(tls_active=self.tls_active, tls_result=self.tls_result,
+                              tls_detail=self.tls_detail, connected=True,
+                              local_address=self.local_address, **kwargs)
+
     def _reply_failure(self, reply: Reply, reason: Reason, try_next: bool) -> _HostFailure:
         return _HostFailure(reply.status(reason, self.target.name), try_next)
 
@@ -416,18 +446,20 @@ class ClientSession:
             results = await self._transaction()
         except _HostFailure as exc:
             await self._quit()
-            return SessionOutcome(host_failure=exc.status, try_next=exc.try_next)
+            return self._outcome(host_failure=exc.status, try_next=exc.try_next)
         except SessionError as exc:
             self._abort()
             status = self._session_error_status(exc)
+            if self.phase == "tls" and self.tls_result is None:
+                self.tls_result, self.tls_detail = "validation-failure", exc.detail
             if self.phase in ("mail", "data", "dot"):
                 # The transaction had begun: keep refusals already known, defer the rest.
-                return SessionOutcome(results=tuple(
+                return self._outcome(results=tuple(
                     (r, self.decided[r] if r in self.decided and not self.decided[r].ok
                      else status) for r in self.message.recipients))
-            return SessionOutcome(host_failure=status, try_next=True)
+            return self._outcome(host_failure=status, try_next=True)
         await self._quit()
-        return SessionOutcome(results=tuple(results))
+        return self._outcome(results=tuple(results))
 
     def _session_error_status(self, exc: SessionError) -> DeliveryStatus:
         if self.phase == "tls":
@@ -459,7 +491,18 @@ class ClientSession:
 
     async def _starttls(self) -> None:
         offered = "STARTTLS" in self.extensions
+        req = self.requirements
+        if req is not None and (req.require_tls or req.requiretls) \
+                and not (self.tls.start_tls_enabled and offered):
+            raise self._policy_fail("starttls-not-supported",
+                                    f"TLS is required by policy but {self.target.name} does not "
+                                    "offer STARTTLS" if not offered else
+                                    "TLS is required by policy but STARTTLS is disabled",
+                                    "4.7.4")
         if not (self.tls.start_tls_enabled and offered):
+            if not offered:
+                self.tls_result = "starttls-not-supported"
+                self.tls_detail = f"{self.target.name} does not offer STARTTLS"
             if self.tls.start_tls_required:
                 why = "STARTTLS is disabled" if offered else "STARTTLS was not offered"
                 raise self._fail(Reason.TLS, f"TLS is required but {why} by {self.target.name}",
@@ -468,6 +511,12 @@ class ClientSession:
         self.phase = "starttls"
         reply = await self.command("STARTTLS")
         if reply.code != 220:
+            if req is not None and (req.require_tls or req.requiretls):
+                raise self._policy_fail("starttls-not-supported", f"TLS is required by policy "
+                                        f"but {self.target.name} answered STARTTLS with "
+                                        f"{reply.code} {reply.text}"[:300])
+            self.tls_result = "starttls-not-supported"
+            self.tls_detail = f"STARTTLS answered {reply.code}"
             if self.tls.start_tls_required:
                 raise self._fail(Reason.TLS, f"TLS is required but {self.target.name} answered "
                                  f"STARTTLS with {reply.code} {reply.text}"[:300], "4.7.5")
@@ -481,14 +530,33 @@ class ClientSession:
                              "STARTTLS (response injection)", "4.7.5")
         self.phase = "tls"
         assert self.reader.transport is not None
-        self.reader.transport.startTLS(  # type: ignore[attr-defined]
-            self.tls.client_creator(self.target.name))
+        inspecting = None
+        if req is not None and req.inspect:
+            inspecting = InspectingCreator(self.target.name, req.ca_file)
+            creator: Any = inspecting
+        else:
+            creator = self.tls.client_creator(self.target.name)
+        self.reader.transport.startTLS(creator)  # type: ignore[attr-defined]
         self.tls_active = True
         reply = await self.command(f"EHLO {self.helo_name}")
         if reply.code != 250:
             raise self._reply_failure(reply, Reason.PROTOCOL, try_next=True)
         self.extensions = _parse_ehlo(reply)
         self.phase = "ehlo"
+        if req is not None and inspecting is not None:
+            # The handshake is complete (a reply arrived over TLS); nothing sent yet but EHLO.
+            verdict = check_peer(req, inspecting, self.target.name)
+            if verdict.result_type is not None:
+                if req.enforce or req.requiretls:
+                    raise self._policy_fail(verdict.result_type,
+                                            f"{self.target.name}: {verdict.detail}")
+                self.tls_result, self.tls_detail = verdict.result_type, verdict.detail
+                log.info("TLS policy failure with {remote} (not enforced): {kind} {detail}",
+                         remote=self.target.name, kind=verdict.result_type,
+                         detail=verdict.detail)
+        if req is not None and req.requiretls and "REQUIRETLS" not in self.extensions:
+            raise self._policy_fail("validation-failure",
+                                    f"{self.target.name} does not advertise REQUIRETLS")
 
     async def _auth(self) -> None:
         if self.credentials is None:
@@ -533,6 +601,8 @@ class ClientSession:
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
+        if self.requirements is not None and self.requirements.requiretls:
+            params.append("REQUIRETLS")
         if "DSN" in ext:
             if msg.ret:
                 params.append(f"RET={msg.ret.upper()}")
@@ -667,7 +737,8 @@ async def connect(reactor: Any, target: Target, timeout: float,
 
 async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: TlsPolicy,
                           message: OutboundMessage,
-                          credentials: Credentials | None = None) -> SessionOutcome:
+                          credentials: Credentials | None = None,
+                          requirements: TlsRequirements | None = None) -> SessionOutcome:
     """Connect to ``target`` and run one transaction. Never raises."""
     try:
         reader = await connect(reactor, target, tls.connect_timeout, tls.read_timeout)
@@ -683,7 +754,8 @@ async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: Tls
         log.info("connect to {remote} [{address}]:{port} failed: {error}", remote=target.name,
                  address=target.address, port=target.port, error=detail)
         return SessionOutcome(host_failure=status, try_next=True)
-    session = ClientSession(reader, target, helo_name, tls, message, credentials, reactor)
+    session = ClientSession(reader, target, helo_name, tls, message, credentials, reactor,
+                            requirements)
     try:
         outcome = await session.run()
     except Exception as exc:  # a bug must not lose the message: defer it

@@ -9,6 +9,8 @@ and TLS/EHLO trouble before MAIL, never after. Invariants:
   become transient (4.3.0, reason ``other``) so the spool retries instead of bouncing.
 * At most ``maxConnectionsPerDestination`` sessions run at once per next hop (``route_key``).
 * Retries over time are the scheduler's job: this module makes one attempt per call.
+* Recipient-domain TLS policies (MTA-STS, DANE, REQUIRETLS, ``TLS-Required: No``) are planned per
+  target by ``tlsplan.OutboundTlsPolicies``; every session is reported to TLS-RPT when enabled.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import IDelivery
 from kotlin_smtp_py.outbound.client import OutboundMessage, Target, deliver_session
 from kotlin_smtp_py.outbound.mx import MxResolver, MxResult, make_resolver
+from kotlin_smtp_py.outbound.requiretls import tls_required_no
 from kotlin_smtp_py.outbound.router import NextHop, OutboundRouter, recipient_domain
+from kotlin_smtp_py.outbound.tlsplan import OutboundTlsPolicies, PlannedTarget
+from kotlin_smtp_py.outbound.tlsrpt import Submit, TlsRptReporter
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import DeliveryStatus, Reason
 
@@ -43,7 +48,9 @@ class RelayDelivery:
     """Delivers to remote hosts; construct with ``RelayDelivery.from_config(config, reactor)``."""
 
     def __init__(self, smtp: SmtpConfig, reactor: Any, resolver: Any = None,
-                 shuffle: Callable[[list[Any]], None] = random.shuffle) -> None:
+                 shuffle: Callable[[list[Any]], None] = random.shuffle,
+                 clock: Any = None) -> None:
+        """``clock`` times policy caches and TLS-RPT periods (default: ``reactor``)."""
         self._smtp = smtp
         self._reactor = reactor
         self.router = OutboundRouter(smtp.relay)
@@ -52,11 +59,25 @@ class RelayDelivery:
         self.mx = MxResolver(resolver, reactor, smtp.dns.timeoutMs / 1000.0, shuffle)
         self._limit = max(1, smtp.relay.maxConnectionsPerDestination)
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+        self.policies = OutboundTlsPolicies.from_config(
+            smtp, reactor, clock if clock is not None else reactor, self.mx)
 
     @classmethod
-    def from_config(cls, config: Config, reactor: Any, resolver: Any = None) -> RelayDelivery:
+    def from_config(cls, config: Config, reactor: Any, resolver: Any = None,
+                    clock: Any = None) -> RelayDelivery:
         """The service passes its reactor (only service.py imports the global one)."""
-        return cls(config.smtp, reactor, resolver)
+        return cls(config.smtp, reactor, resolver, clock=clock)
+
+    def tls_reporter(self, submit: Submit, clock: Any = None) -> TlsRptReporter | None:
+        """The TLS-RPT reporter (``outboundPolicy.tlsRpt.enabled``); ``submit`` queues mail."""
+        recorder = self.policies.recorder
+        if recorder is None:
+            return None
+        rpt = self._smtp.relay.outboundPolicy.tlsRpt
+        return TlsRptReporter(recorder, self.policies.secure_dns, submit,
+                              clock if clock is not None else recorder.clock,
+                              self._smtp.hostname, rpt.reportingOrg, rpt.contactInfo,
+                              rpt.fromAddress, reactor=self._reactor)
 
     def route_key(self, domain: str) -> str:
         """Grouping key for the scheduler: equal keys → same next hop → one transaction."""
@@ -114,15 +135,28 @@ class RelayDelivery:
             size=os.stat(message_path).st_size,
             eight_bit=env.body.upper() in ("8BITMIME", "BINARYMIME"),
             ret=env.ret, envid=env.envid)
+        planned = await self._plan(hop, targets, env.requiretls, message_path)
+        if isinstance(planned, DeliveryStatus):
+            self._log_results(entry, hop, [(r, planned) for r in recipients])
+            return [(r, planned) for r in recipients]
         results: Results = []
-        for target in targets[:MAX_TARGETS]:
-            outcome = await deliver_session(self._reactor, target, self._smtp.hostname, hop.tls,
-                                            message, hop.credentials)
+        for item in planned[:MAX_TARGETS]:
+            outcome = await deliver_session(self._reactor, item.target, self._smtp.hostname,
+                                            item.tls, message, hop.credentials,
+                                            item.requirements)
+            self.policies.observe(item, outcome)
             results = outcome.per_recipient(recipients)
             if outcome.host_failure is None or not outcome.try_next:
                 break
         self._log_results(entry, hop, results)
         return results
+
+    async def _plan(self, hop: NextHop, targets: list[Target], requiretls: bool,
+                    message_path: str) -> list[PlannedTarget] | DeliveryStatus:
+        relaxed = False
+        if not requiretls and hop.direct and self.policies.domain_policies:
+            relaxed = tls_required_no(message_path)
+        return await self.policies.plan(hop, targets, requiretls=requiretls, relaxed=relaxed)
 
     async def _targets(self, hop: NextHop) -> list[Target] | DeliveryStatus:
         if hop.host is not None:

@@ -62,6 +62,14 @@ class TlsPolicy:
         return ssl.trustRootFromCertificates(self._roots)  # type: ignore[no-untyped-call]
 
 
+def trust_root(ca_file: str) -> Any:
+    """The PKIX trust root for ``caFile`` (empty = the platform store)."""
+    if not ca_file:
+        return ssl.platformTrust()  # type: ignore[no-untyped-call]
+    with open(ca_file, "rb") as fh:  # small local file, read once at start-up
+        return ssl.trustRootFromCertificates(_split_pem(fh.read()))  # type: ignore[no-untyped-call]
+
+
 def _split_pem(data: bytes) -> list[ssl.Certificate]:
     end = b"-----END CERTIFICATE-----"
     certs: list[ssl.Certificate] = []
