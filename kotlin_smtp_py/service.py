@@ -17,6 +17,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from kotlin_smtp_py.config import Config, spool_backend
 from kotlin_smtp_py.envelope import Address
@@ -24,6 +25,7 @@ from kotlin_smtp_py.inbound.auth import UserTableChecker
 from kotlin_smtp_py.inbound.factory import SessionEvents, SMTPFactory
 from kotlin_smtp_py.inbound.policy import RecipientPolicy, SessionInfo
 from kotlin_smtp_py.inbound.protocol import SMTPServerProtocol
+from kotlin_smtp_py.inbound.proxy import ProxyWrappingFactory
 from kotlin_smtp_py.inbound.relaypolicy import RelayAccessPolicy
 from kotlin_smtp_py.interfaces import IAuthChecker, IDelivery, ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
@@ -199,8 +201,10 @@ class SmtpService(service.MultiService):
                                   for n in s.relay.allowedClientCidrs]
         relay: RelayDelivery | None = None
         self.relay_policy: RelayAccessPolicy | None = None
+        self.tls_reporter: Any = None  # TLS-RPT (RFC 8460), outboundPolicy.tlsRpt.enabled
         if s.relay.enabled:
-            relay = RelayDelivery.from_config(c, self.reactor)
+            relay = RelayDelivery.from_config(c, self.reactor, clock=self.clock)
+            self.tls_reporter = relay.tls_reporter(self._submit_report)
             self.relay_policy = RelayAccessPolicy.from_config(s.relay)
         self.router = DeliveryRouter(local_domains, self.local_delivery, relay,
                                      relay.route_key if relay is not None else None,
@@ -262,6 +266,17 @@ class SmtpService(service.MultiService):
         assert self.relay_policy is not None
         return self.relay_policy.relay_allowed(session.peer_ip, session.authenticated, sender,
                                                recipient, session.auth_user)
+
+    def _submit_report(self, envelope: Any, data: bytes) -> defer.Deferred[Any]:
+        """Queue a message we generate (TLS-RPT reports) and start a spool run."""
+        d: defer.Deferred[Any] = self.spool.enqueue(envelope, data)
+
+        def queued(entry: Any) -> Any:
+            self.metrics.spool_queued()
+            self.scheduler.trigger()
+            return entry
+
+        return d.addCallback(queued)
 
     def _resubmit(self, envelope: Any, message_path: str) -> defer.Deferred[Any]:
         with open(message_path, "rb") as fh:
@@ -384,18 +399,20 @@ class SmtpService(service.MultiService):
         s = self.config.smtp
         for listener in s.effective_listeners():
             factory = self.make_factory(listener)
+            outer: Any = factory
             if listener.implicitTls:
-                port = self.reactor.listenSSL(listener.port, factory, self.tls_context,
-                                              interface=listener.bindAddress)
-            else:
-                port = self.reactor.listenTCP(listener.port, factory,
-                                              interface=listener.bindAddress)
+                outer = TLSMemoryBIOFactory(self.tls_context, False, outer)  # type: ignore[arg-type]
+            if listener.proxyProtocol:  # the PROXY header comes before any TLS bytes
+                outer = ProxyWrappingFactory(outer, s.proxy.trustedCidrs, self.reactor)
+            port = self.reactor.listenTCP(listener.port, outer, interface=listener.bindAddress)
             self.factories.append(factory)
             self.ports.append(port)
             log.info("listening for SMTP on {address}:{port}{tls}",
                      address=listener.bindAddress, port=port.getHost().port,
                      tls=" (implicit TLS)" if listener.implicitTls else "")
         self.scheduler.start()
+        if self.tls_reporter is not None:
+            self.tls_reporter.start()
         self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
         m = self.config.management
         if m.enabled:
@@ -459,6 +476,8 @@ class SmtpService(service.MultiService):
                 log.warn("aborting {n} sessions after the grace period", n=len(f.sessions))
             f.abort_all()
         yield self.scheduler.stop(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self.tls_reporter is not None:
+            self.tls_reporter.stop()
         release_all = getattr(self.spool, "release_all", None)
         if release_all is not None:
             yield defer.maybeDeferred(release_all)
