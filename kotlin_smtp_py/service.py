@@ -489,6 +489,10 @@ class SmtpService(service.MultiService):
         if self.management_port is not None:
             yield self.management_port.stopListening()
         log.info("shutdown complete", event="shutdown_complete")
+        # A clean drain after SIGTERM/SIGINT is a normal exit (status 0), not death by signal:
+        # twistd would otherwise re-raise the signal it caught once the reactor stops.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     def stopService(self) -> defer.Deferred[None]:
         if self._stopped is None:
