@@ -16,8 +16,10 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from kotlin_smtp_py.config import Config, spool_backend
 from kotlin_smtp_py.envelope import Address
@@ -89,6 +91,18 @@ def build_tls_context(config: Config) -> Any:
     return ssl.CertificateOptions(**kwargs)
 
 
+@implementer(IOpenSSLContextFactory)
+class ReloadableTLS:
+    """A TLS context factory whose certificate can be swapped (SIGHUP) without touching
+    listeners or open sessions: new handshakes use the current context."""
+
+    def __init__(self, options: Any) -> None:
+        self.current = options
+
+    def getContext(self) -> Any:
+        return self.current.getContext()
+
+
 class TriggerGate:
     """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing."""
 
@@ -144,13 +158,15 @@ class SpoolBouncer(Bouncer):
 class SmtpService(service.MultiService):
     """The whole server as a Twisted service (what ``twistd smtp`` runs)."""
 
-    def __init__(self, config: Config, reactor: Any = None, clock: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
+                 config_path: str | None = None) -> None:
         """``clock`` drives the delivery scheduler (retry timing); tests pass a task.Clock."""
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor
         self.config = config
+        self.config_path = config_path
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.started_at = time.time()
@@ -229,7 +245,7 @@ class SmtpService(service.MultiService):
         self.health_indicators = [FunctionIndicator("listeners", self._listeners_health)]
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
                                         self.reactor)
-        self.tls_context = build_tls_context(c) if s.ssl.enabled else None
+        self.tls_context = ReloadableTLS(build_tls_context(c)) if s.ssl.enabled else None
         self._build_plugins()
 
     def _archive_owner(self, session: SessionInfo, sender: Address | None) -> str | None:
@@ -422,10 +438,49 @@ class SmtpService(service.MultiService):
                                                           interface=m.server.bindAddress)
             log.info("management HTTP on {address}:{port}", address=m.server.bindAddress,
                      port=self.management_port.getHost().port)
+        self._install_sighup()
         self.notifier.ready()
         self.watchdog = WatchdogPinger.from_environment(self.notifier, self.reactor)
         if self.watchdog is not None:
             self.watchdog.start()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file; swap TLS certificates and the users table.
+
+        Listeners, sessions and the spool are untouched; other changed keys need a restart
+        (they are logged). A config that fails validation changes nothing."""
+        from kotlin_smtp_py import config as cfg
+
+        if self.config_path is None:
+            log.warn("reload requested but the server was started without a config file")
+            return False
+        try:
+            new = cfg.load(self.config_path)
+            tls = build_tls_context(new) if new.smtp.ssl.enabled else None
+        except Exception as exc:
+            log.error("reload failed, keeping the running configuration: {error}",
+                      error=str(exc), event="reload_failed")
+            return False
+        if tls is not None and self.tls_context is not None:
+            self.tls_context.current = tls
+        if isinstance(self.auth_checker, UserTableChecker):
+            self.auth_checker.users = dict(new.smtp.auth.users)
+            self.auth_checker.allow_plaintext = new.smtp.auth.allowPlaintextPasswords
+        log.info("reloaded TLS certificates and users from {path}", path=self.config_path,
+                 event="reloaded")
+        return True
+
+    def _install_sighup(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # tests run the reactor in a thread; they call reload() directly
+
+        def handler(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, handler)
 
     def _listeners_health(self) -> tuple[bool, dict[str, Any]]:
         ports = [p.getHost().port for p in self.ports]
@@ -517,5 +572,5 @@ def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
     return d
 
 
-def build_service(config: Config) -> SmtpService:
-    return SmtpService(config)
+def build_service(config: Config, config_path: str | None = None) -> SmtpService:
+    return SmtpService(config, config_path=config_path)

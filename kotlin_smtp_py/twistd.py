@@ -59,7 +59,7 @@ def make_service(config_path: str | None) -> Any:
     from kotlin_smtp_py.service import build_service
 
     try:
-        svc = build_service(config)
+        svc = build_service(config, os.path.abspath(config_path or DEFAULT_CONFIG))
     except Exception as exc:
         sys.stderr.write(f"kotlin-smtp: cannot start: {exc}\n")
         raise SystemExit(1) from None
