@@ -6,7 +6,7 @@ CONFIG ?= examples/config.yaml
 export PYTHONPATH := $(CURDIR)
 DEBIAN_PACKAGES := redis-server swaks dnsutils
 
-.PHONY: run test lint typecheck unit deps venv bench clean
+.PHONY: run test lint typecheck unit deps venv bench clean api-snapshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,6 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) data build *.egg-info .mypy_cache .ruff_cache
+
+api-snapshot: deps
+	$(BIN)/python -m kotlin_smtp_py.apicheck --write
