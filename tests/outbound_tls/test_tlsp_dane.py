@@ -80,10 +80,20 @@ def test_tlsa_without_ad_bit_is_ignored(policy_dns, sinks, policy_certs, tmp_pat
                      dom("dane-noad"))
     assert plain.ok, plain
     assert len(sink.transactions) == 1
+    # Signed MX RRset but an unsigned TLSA answer (no AD on that reply only): still ignored.
+    name = f"_{sinks.port}._tcp.{MX_HOST}"
+    policy_dns.zone.insecure.add(name)
+    try:
+        mixed = _attempt(_config(policy_dns.ad_port, sinks, policy_certs, tmp_path), tmp_path,
+                         dom("dane-noad"))
+    finally:
+        policy_dns.zone.insecure.discard(name)
+    assert mixed.ok, mixed
+    assert len(sink.transactions) == 2
     secure = _attempt(_config(policy_dns.ad_port, sinks, policy_certs, tmp_path), tmp_path,
                       dom("dane-noad"))
     assert secure.temporary and secure.reason is Reason.TLS, secure
-    assert len(sink.transactions) == 1
+    assert len(sink.transactions) == 2
 
 
 def test_dane_ta_2_0_1_with_chain_to_the_anchor(policy_dns, sinks, policy_certs,

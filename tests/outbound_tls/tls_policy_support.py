@@ -42,6 +42,7 @@ class PolicyZone(authority.FileAuthority):
     """Records kept in a dict the tests change while the server runs (on the reactor thread)."""
 
     def __init__(self) -> None:
+        self.insecure: set[str] = set()  # names the AD server answers without AD (unsigned)
         super().__init__("")  # loadFile below ignores the name
 
     def loadFile(self, filename: str) -> None:
@@ -70,8 +71,13 @@ class PolicyZone(authority.FileAuthority):
 
 
 class _AdServerFactory(server.DNSServerFactory):
+    def __init__(self, authorities: list[PolicyZone]) -> None:
+        super().__init__(authorities=authorities)  # type: ignore[no-untyped-call]
+        self.zone = authorities[0]
+
     def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
-        message.authenticData = True
+        names = {q.name.name.decode().lower() for q in message.queries}
+        message.authenticData = not (names & self.zone.insecure)
         super().sendReply(protocol, message, address)  # type: ignore[no-untyped-call]
 
 
