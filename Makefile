@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/config.yaml
 export PYTHONPATH := $(CURDIR)
-DEBIAN_PACKAGES := redis-server swaks dnsutils
+DEBIAN_PACKAGES := redis-server swaks dnsutils postfix
 
 .PHONY: run test lint typecheck unit deps venv bench clean api-snapshot
 
@@ -16,7 +16,8 @@ deps: $(BIN)/python
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 	  missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
-	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; fi; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing)) >/dev/null; fi; \
 	fi
 	@$(BIN)/python -c "import kotlin_smtp_py, pytest, mypy, hypothesis" 2>/dev/null || \
 	  ($(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat)
