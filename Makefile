@@ -28,7 +28,7 @@ run: deps
 	$(BIN)/twistd -n --pidfile= smtp --config $(CONFIG)
 
 lint: deps
-	$(BIN)/ruff check kotlin_smtp_py tests twisted benchmarks
+	$(BIN)/ruff check kotlin_smtp_py tests twisted examples $(wildcard benchmarks)
 
 typecheck: deps
 	$(BIN)/mypy
