@@ -171,6 +171,7 @@ class FileSpool:
         self._scanning: defer.Deferred[None] | None = None
         self._queue_sync = _GroupDirSync(self.queue_dir)
         self.max_message_bytes: int | None = None
+        self.corrupt_count = 0
         self._merge_scan(self.scan_sync({}, initial=True))
         self._last_scan = self.clock_time()
 
@@ -330,6 +331,7 @@ class FileSpool:
         self._reactor.callFromThread(self._forget_corrupt, queue_id)
 
     def _forget_corrupt(self, queue_id: str) -> None:
+        self.corrupt_count += 1
         self._index.pop(queue_id, None)
         if self._on_corrupt is not None:
             self._on_corrupt(queue_id)

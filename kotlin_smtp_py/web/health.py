@@ -76,7 +76,11 @@ class SpoolIndicator:
     def health(self) -> defer.Deferred[HealthResult]:
         def shape(result: tuple[bool, str]) -> HealthResult:
             ok, why = result
-            details: dict[str, Any] = {"backend": self._backend}
+            details: dict[str, Any] = {"backend": self._backend,
+                                       "pending": self._spool.pending_count()}
+            corrupt = getattr(self._spool, "corrupt_count", None)
+            if corrupt is not None:
+                details["corrupt"] = corrupt  # entries moved aside since start (see logs)
             if why:
                 details["reason"] = why
             return bool(ok), details

@@ -585,3 +585,23 @@ def test_unauthenticated_sender_gets_no_archive_copy(make_server: Any) -> None:
     srv.wait_messages("alice", 1)
     wait_until(lambda: srv.spool_entries() == [], message="entry completed")
     assert not (srv.root / "mailboxes" / "bob" / "sent").exists()
+
+
+def test_corrupt_spool_entry_is_moved_aside_and_counted(make_server: Any) -> None:
+    import urllib.request
+
+    srv = make_server()
+    srv.service.scheduler.paused = True
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.sendmail("a@remote.test", ["alice@localhost"], b"Subject: x\r\n\r\ny\r\n")
+    (path,) = srv.spool_entries()
+    path.write_text("{ not json")
+    qid = path.stem
+    on_reactor(srv.service.spool.claim, qid)  # reading it finds the damage
+    corrupt = srv.root / "spool" / "corrupt"
+    wait_until(lambda: (corrupt / f"{qid}.json").exists() and (corrupt / f"{qid}.eml").exists(),
+               message="entry moved to corrupt/")
+    assert srv.spool_entries() == []
+    port = srv.service.management_port.getHost().port
+    body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/actuator/health").read())
+    assert body["components"]["spool"]["details"]["corrupt"] == 1
