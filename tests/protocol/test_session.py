@@ -605,3 +605,18 @@ def test_corrupt_spool_entry_is_moved_aside_and_counted(make_server: Any) -> Non
     port = srv.service.management_port.getHost().port
     body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/actuator/health").read())
     assert body["components"]["spool"]["details"]["corrupt"] == 1
+
+
+def test_min_tls_version_is_enforced(make_server: Any, certs: Any) -> None:
+    srv = make_server({"smtp": {"ssl": {"minTlsVersion": "TLSv1.3"}}})
+    old = ssl.create_default_context(cafile=str(certs.ca_cert))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s._host = "localhost"
+        with pytest.raises(ssl.SSLError):
+            s.starttls(context=old)
+    new = ssl.create_default_context(cafile=str(certs.ca_cert))
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s._host = "localhost"
+        s.starttls(context=new)
+        assert s.sock.version() == "TLSv1.3"
