@@ -269,6 +269,8 @@ class RelayConfig:
 @dataclass(frozen=True)
 class SmtpConfig:
     port: int = 2525
+    # Processes serving the SMTP listeners (SO_REUSEPORT); 0 = one per CPU core, 1 = one process.
+    workers: int = 0
     hostname: str = "localhost"
     serviceName: str = "ESMTP"
     listeners: list[ListenerConfig] = field(default_factory=list)
@@ -574,6 +576,8 @@ def validate(config: Config) -> list[str]:
                        ("smtp.spool.retryDelaySeconds", s.spool.retryDelaySeconds)):
         if value <= 0:
             p.append(f"{key}: must be positive, got {value}")
+    if not 0 <= s.workers <= 256:
+        p.append(f"smtp.workers: must be between 0 (one per core) and 256, got {s.workers}")
     if s.limits.maxCommandLineLength < 512:
         p.append("smtp.limits.maxCommandLineLength: must be at least 512 (RFC 5321 §4.5.3.1.4)")
     if s.spool.maxRetries < 0:

@@ -17,10 +17,10 @@ Invariants:
 - ``smtp_spool_pending`` is computed at scrape time by ``pending_fn`` (set once the spool
   exists); it must be cheap (a counter, not a directory scan). A failing callback yields NaN
   and never breaks the scrape.
-- Multi-process mode (``PROMETHEUS_MULTIPROC_DIR``, several workers on one port) is not enabled
-  yet. It would slot in at :meth:`Metrics._exposition_registry`: build a registry holding a
-  ``prometheus_client.multiprocess.MultiProcessCollector`` plus the pending collector, and create
-  the gauge with a ``multiprocess_mode``. No caller would change.
+- Multi-process mode (``smtp.workers`` > 1): every process passes the same private
+  ``multiprocess_dir``; values go to ``prometheus_client`` mmap files there and the parent's
+  :meth:`render` aggregates all processes with a ``MultiProcessCollector`` (counters and
+  histograms summed, ``smtp_connections_active`` summed over live processes).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -98,13 +99,26 @@ def _normalise_domain(domain: str) -> str:
 class _WithoutCreated(Collector):
     """Re-exports a registry's metrics without the ``*_created`` samples (not in the contract)."""
 
-    def __init__(self, inner: CollectorRegistry) -> None:
-        self._inner = inner
+    def __init__(self, inner: CollectorRegistry | Any) -> None:
+        self._inner = inner  # a registry, or a MultiProcessCollector
 
     def collect(self) -> Iterable[Metric]:
         for metric in self._inner.collect():
             metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
             yield metric
+
+
+def _enable_multiprocess(directory: str) -> None:
+    """Values created from now on live in mmap files under ``directory`` (per process)."""
+    import os
+
+    from prometheus_client import values
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        cls: Any = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        cls._multiprocess = True
+        values.ValueClass = cls
 
 
 class _PendingCollector(Collector):
@@ -128,13 +142,18 @@ class _PendingCollector(Collector):
 class Metrics:
     """The process's metrics. Cheap to call from the reactor thread; never blocks."""
 
-    def __init__(self, tracked_domains: Sequence[str] = ()) -> None:
+    def __init__(self, tracked_domains: Sequence[str] = (),
+                 multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            _enable_multiprocess(multiprocess_dir)
         self.tracked_domains: frozenset[str] = frozenset(
             _normalise_domain(d) for d in tracked_domains if d.strip())
         self._values = CollectorRegistry(auto_describe=True)
         r = self._values
         self._connections_active = Gauge(
-            "smtp_connections_active", "Open SMTP connections.", registry=r)
+            "smtp_connections_active", "Open SMTP connections.", registry=r,
+            multiprocess_mode="livesum")
         self._sessions_started = Counter(
             "smtp_sessions_started", "SMTP sessions started.", registry=r)
         self._sessions_ended = Counter(
@@ -175,7 +194,13 @@ class Metrics:
 
     def _exposition_registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_WithoutCreated(self._values))
+        if self.multiprocess_dir is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry.register(_WithoutCreated(
+                MultiProcessCollector(None, path=self.multiprocess_dir)))  # type: ignore[no-untyped-call]
+        else:
+            registry.register(_WithoutCreated(self._values))
         registry.register(self._pending)
         return registry
 

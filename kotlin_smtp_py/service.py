@@ -62,6 +62,12 @@ from kotlin_smtp_py.web.health import (
     SpoolIndicator,
 )
 from kotlin_smtp_py.web.site import make_management_site
+from kotlin_smtp_py.workers import (
+    ClusterRole,
+    WorkerSupervisor,
+    listen_reuseport,
+    split_local_limits,
+)
 
 log = Logger()
 
@@ -159,7 +165,7 @@ class SmtpService(service.MultiService):
     """The whole server as a Twisted service (what ``twistd smtp`` runs)."""
 
     def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, cluster: ClusterRole | None = None) -> None:
         """``clock`` drives the delivery scheduler (retry timing); tests pass a task.Clock."""
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -174,7 +180,11 @@ class SmtpService(service.MultiService):
         self.factories: list[SMTPFactory] = []
         self.management_port: Any = None
         self.shutting_down = False
-        self.metrics = Metrics(config.management.metrics.trackedDomains)
+        # smtp.workers > 1: worker 0 (this process when twistd started it) plus spawned ones
+        self.cluster = cluster
+        self.supervisor: WorkerSupervisor | None = None
+        self.metrics = Metrics(config.management.metrics.trackedDomains,
+                               multiprocess_dir=cluster.metrics_dir if cluster else None)
         self.session_events: list[SessionEvents] = [
             MetricsSessionEvents(self.metrics)]  # type: ignore[list-item]
         self.notifier = SystemdNotifier()
@@ -310,7 +320,8 @@ class SmtpService(service.MultiService):
         """Limiters and extension points from ``smtp.rateLimit``/``smtp.auth``/``smtp.plugins``."""
         c = self.config
         s = c.smtp
-        limiters = make_limiters(c, self.redis, clock=self.reactor)
+        processes = self.cluster.count if self.cluster else 1
+        limiters = make_limiters(split_local_limits(c, processes), self.redis, clock=self.reactor)
         self.connection_limiter = ExemptingConnectionLimiter(limiters.connections,
                                                              s.rateLimit.exemptCidrs)
         self.message_limiter = ExemptingMessageRateLimiter(limiters.messages,
@@ -420,13 +431,22 @@ class SmtpService(service.MultiService):
                 outer = TLSMemoryBIOFactory(self.tls_context, False, outer)  # type: ignore[arg-type]
             if listener.proxyProtocol:  # the PROXY header comes before any TLS bytes
                 outer = ProxyWrappingFactory(outer, s.proxy.trustedCidrs, self.reactor)
-            port = self.reactor.listenTCP(listener.port, outer, interface=listener.bindAddress)
+            port = self._listen(len(self.ports), listener, outer)
             self.factories.append(factory)
             self.ports.append(port)
             log.info("listening for SMTP on {address}:{port}{tls}",
                      address=listener.bindAddress, port=port.getHost().port,
                      tls=" (implicit TLS)" if listener.implicitTls else "")
         self.scheduler.start()
+        if self.cluster is not None and not self.cluster.is_parent:
+            log.info("SMTP worker {index} of {count} serving", index=self.cluster.index,
+                     count=self.cluster.count, event="worker_ready")
+            return  # management, operator requests and TLS-RPT belong to the parent
+        if self.cluster is not None:
+            assert self.config_path is not None
+            self.supervisor = WorkerSupervisor(self.reactor, self.cluster, self.config_path,
+                                               [p.getHost().port for p in self.ports])
+            self.supervisor.start()
         if self.tls_reporter is not None:
             self.tls_reporter.start()
         self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
@@ -482,6 +502,14 @@ class SmtpService(service.MultiService):
 
         signal.signal(signal.SIGHUP, handler)
 
+    def _listen(self, index: int, listener: Any, factory: Any) -> Any:
+        if self.cluster is None:
+            return self.reactor.listenTCP(listener.port, factory, interface=listener.bindAddress)
+        # Several processes on one port: the parent binds first (port 0 resolves there) and
+        # the workers bind the parent's ports.
+        port = listener.port if self.cluster.is_parent else self.cluster.ports[index]
+        return listen_reuseport(self.reactor, listener.bindAddress, port, factory)
+
     def _listeners_health(self) -> tuple[bool, dict[str, Any]]:
         ports = [p.getHost().port for p in self.ports]
         up = bool(ports) and not self.shutting_down
@@ -520,6 +548,8 @@ class SmtpService(service.MultiService):
                  event="shutdown")
         if self._request_watch is not None and self._request_watch.active():
             self._request_watch.cancel()
+        if self.supervisor is not None:
+            self.supervisor.stop()  # workers drain in parallel with this process
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports])
         for f in self.factories:
             f.begin_shutdown()
@@ -541,6 +571,9 @@ class SmtpService(service.MultiService):
             close()
         if self.redis is not None:
             yield self.redis.close()
+        if self.supervisor is not None:
+            yield self.supervisor.wait(grace + 5.0)
+            self.supervisor.cleanup()
         if self.management_port is not None:
             yield self.management_port.stopListening()
         log.info("shutdown complete", event="shutdown_complete")
@@ -572,5 +605,6 @@ def _sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
     return d
 
 
-def build_service(config: Config, config_path: str | None = None) -> SmtpService:
-    return SmtpService(config, config_path=config_path)
+def build_service(config: Config, config_path: str | None = None,
+                  cluster: ClusterRole | None = None) -> SmtpService:
+    return SmtpService(config, config_path=config_path, cluster=cluster)

@@ -57,9 +57,11 @@ def make_service(config_path: str | None) -> Any:
     config = load_or_exit(config_path)
     check_redis_reachable(config)
     from kotlin_smtp_py.service import build_service
+    from kotlin_smtp_py.workers import prepare_parent
 
     try:
-        svc = build_service(config, os.path.abspath(config_path or DEFAULT_CONFIG))
+        svc = build_service(config, os.path.abspath(config_path or DEFAULT_CONFIG),
+                            cluster=prepare_parent(config))
     except Exception as exc:
         sys.stderr.write(f"kotlin-smtp: cannot start: {exc}\n")
         raise SystemExit(1) from None

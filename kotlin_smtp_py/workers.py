@@ -1,0 +1,283 @@
+"""Several processes serving the same SMTP ports (``smtp.workers``), one core each.
+
+Model: the process twistd starts is the *parent* (worker 0). It binds every SMTP listener with
+``SO_REUSEPORT`` (the kernel spreads new connections over all sockets bound to the port), then
+spawns ``smtp.workers - 1`` children, ``python -m kotlin_smtp_py.worker --config FILE --index i
+--ports P,..``, which bind the same ports the same way and run the same service without the
+management HTTP, operator-request polling or TLS-RPT reporter (parent only).
+
+Invariants:
+- Shared state lives outside the processes: the file spool is multi-process safe (flock leases,
+  periodic rescan), metrics go to ``prometheus_client`` multiprocess files in a private
+  directory that only the parent renders, and local rate limits are split evenly (each process
+  enforces ``ceil(limit / workers)``; use the redis backend for exact limits).
+- Workers never outlive the parent: ``PR_SET_PDEATHSIG`` delivers SIGTERM when it dies, and a
+  1 s ``getppid`` check covers the rest. SIGTERM to the parent is forwarded to the workers; the
+  parent exits after they have drained (SIGKILL after the grace period plus 5 s).
+- A worker that dies while the parent runs is respawned with exponential back-off (1 s → 30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+PR_SET_PDEATHSIG = 1
+RESPAWN_MIN_DELAY = 1.0
+RESPAWN_MAX_DELAY = 30.0
+LISTEN_BACKLOG = 1024
+
+
+@dataclass
+class ClusterRole:
+    """This process's place in a multi-process server."""
+
+    index: int  # 0 = the parent
+    count: int
+    metrics_dir: str
+    ports: list[int] = field(default_factory=list)  # workers: the parent's bound ports
+
+    @property
+    def is_parent(self) -> bool:
+        return self.index == 0
+
+
+def effective_workers(config: Any) -> int:
+    """``smtp.workers``, with 0 meaning one process per CPU core."""
+    configured = int(config.smtp.workers)
+    return configured if configured > 0 else (os.cpu_count() or 1)
+
+
+def prepare_parent(config: Any) -> ClusterRole | None:
+    """Called by twistd before the service is built: None when one process is configured."""
+    count = effective_workers(config)
+    if count <= 1:
+        return None
+    metrics_dir = tempfile.mkdtemp(prefix="kotlin-smtp-metrics-")
+    return ClusterRole(index=0, count=count, metrics_dir=metrics_dir)
+
+
+def split_local_limits(config: Any, count: int) -> Any:
+    """The config with local rate limits divided between ``count`` processes (rounded up)."""
+    if count <= 1:
+        return config
+    s = config.smtp
+    rl, auth = s.rateLimit, s.auth
+    if rl.backend == "local":
+        rl = replace(rl, maxConnectionsPerIp=math.ceil(rl.maxConnectionsPerIp / count),
+                     maxMessagesPerIpPerHour=math.ceil(rl.maxMessagesPerIpPerHour / count))
+    if auth.rateLimitBackend == "local":
+        auth = replace(auth, rateLimitMaxFailures=math.ceil(auth.rateLimitMaxFailures / count))
+    return replace(config, smtp=replace(s, rateLimit=rl, auth=auth))
+
+
+def listen_reuseport(reactor: Any, host: str, port: int, factory: Any) -> Any:
+    """A listening port shared with other processes through SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host or "0.0.0.0", port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    finally:
+        sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Any) -> None:
+        self.supervisor.ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerSupervisor:
+    """Parent side: spawns, respawns and stops the worker processes."""
+
+    def __init__(self, reactor: Any, role: ClusterRole, config_path: str,
+                 ports: list[int]) -> None:
+        self.reactor = reactor
+        self.role = role
+        self.config_path = config_path
+        self.ports = ports
+        self.children: dict[int, _WorkerProtocol] = {}
+        self.delays: dict[int, float] = {}
+        self.started_at: dict[int, float] = {}
+        self.stopping = False
+        self._respawns: dict[int, Any] = {}
+
+    def start(self) -> None:
+        for index in range(1, self.role.count):
+            self.spawn(index)
+
+    def argv(self, index: int) -> list[str]:
+        return [sys.executable, "-m", "kotlin_smtp_py.worker", "--config", self.config_path,
+                "--index", str(index), "--count", str(self.role.count),
+                "--ports", ",".join(str(p) for p in self.ports),
+                "--metrics-dir", self.role.metrics_dir, "--parent-pid", str(os.getpid())]
+
+    def spawn(self, index: int) -> None:
+        self._respawns.pop(index, None)
+        if self.stopping:
+            return
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                            "LISTEN_PID", "LISTEN_FDNAMES")}
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.role.metrics_dir
+        proto = _WorkerProtocol(self, index)
+        self.reactor.spawnProcess(proto, sys.executable, self.argv(index), env=env,
+                                  childFDs={0: "w", 1: 1, 2: 2})
+        self.children[index] = proto
+        self.started_at[index] = time.monotonic()
+        log.info("started SMTP worker {index} (pid {pid})", index=index, pid=proto.pid,
+                 event="worker_started")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.children.values() if p.pid is not None]
+
+    def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
+        if self.children.get(proto.index) is proto:
+            del self.children[proto.index]
+        if proto.pid is not None:
+            _mark_process_dead(proto.pid, self.role.metrics_dir)
+        status = getattr(reason.value, "exitCode", None)
+        if self.stopping:
+            log.info("SMTP worker {index} exited ({status})", index=proto.index, status=status)
+            return
+        lived = time.monotonic() - self.started_at.get(proto.index, 0.0)
+        delay = RESPAWN_MIN_DELAY if lived > RESPAWN_MAX_DELAY else min(
+            RESPAWN_MAX_DELAY, self.delays.get(proto.index, RESPAWN_MIN_DELAY / 2) * 2)
+        self.delays[proto.index] = delay
+        log.error("SMTP worker {index} died ({reason}); respawning in {delay}s",
+                  index=proto.index, reason=str(reason.value), delay=delay, event="worker_died")
+        self._respawns[proto.index] = self.reactor.callLater(delay, self.spawn, proto.index)
+
+    def signal_all(self, signum: int) -> None:
+        for proto in list(self.children.values()):
+            try:
+                proto.transport.signalProcess(signum)  # type: ignore[union-attr]
+            except Exception:  # already gone (ProcessExitedAlready)
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM every worker (they drain in parallel with the parent)."""
+        self.stopping = True
+        for call in self._respawns.values():
+            if call.active():
+                call.cancel()
+        self._respawns.clear()
+        self.signal_all(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def wait(self, timeout: float) -> Any:
+        """Until every worker has exited; SIGKILL after ``timeout`` seconds."""
+        pending = [p.ended for p in self.children.values()]
+        if not pending:
+            return None
+        done = defer.DeferredList(pending)
+        timer = self.reactor.callLater(timeout, self.signal_all, signal.SIGKILL)
+        yield done
+        if timer.active():
+            timer.cancel()
+        return None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.role.metrics_dir, ignore_errors=True)
+
+
+def _mark_process_dead(pid: int, metrics_dir: str) -> None:
+    """Drop a dead process's live gauges (counters stay: their totals still count)."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+    except Exception:
+        log.failure("could not clean up metrics of pid {pid}", pid=pid)
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Linux: have the kernel send ``signum`` when the parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """``python -m kotlin_smtp_py.worker``: one extra SMTP worker (spawned by the parent)."""
+    parser = argparse.ArgumentParser(prog="kotlin_smtp_py.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--ports", required=True)
+    parser.add_argument("--metrics-dir", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    set_parent_death_signal()
+    if os.getppid() != args.parent_pid:
+        return 1  # the parent died before the death signal was armed
+
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.logger import globalLogBeginner
+
+    from kotlin_smtp_py.log import configure_logging
+    from kotlin_smtp_py.twistd import load_or_exit
+
+    config = load_or_exit(args.config)
+    globalLogBeginner.beginLoggingTo([configure_logging(config.logging)],
+                                     redirectStandardIO=False)
+    role = ClusterRole(index=args.index, count=args.count, metrics_dir=args.metrics_dir,
+                       ports=[int(p) for p in args.ports.split(",") if p])
+    from kotlin_smtp_py.service import SmtpService
+
+    svc = SmtpService(config, reactor=reactor, config_path=os.path.abspath(args.config),
+                      cluster=role)
+    status = {"code": 0}
+
+    def start() -> None:
+        try:
+            svc.startService()
+        except Exception:
+            log.failure("SMTP worker {index} failed to start", index=args.index)
+            status["code"] = 1
+            reactor.stop()
+
+    def orphaned() -> None:
+        if os.getppid() != args.parent_pid and reactor.running:
+            log.warn("parent process gone; SMTP worker {index} stopping", index=args.index)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    watch = LoopingCall(orphaned)
+    watch.clock = reactor
+    reactor.callWhenRunning(watch.start, 1.0, False)
+    reactor.run()
+    return status["code"]
