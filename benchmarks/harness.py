@@ -60,6 +60,21 @@ def banner_ok(port: int) -> bool:
         return False
 
 
+def listening_sockets(port: int) -> int:
+    """LISTEN sockets on ``port`` (several with SO_REUSEPORT)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                n += 1
+    return n
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -187,6 +202,7 @@ class OurServer:
             "limits": {"maxMessageSizeBytes": max_size},
             "lifecycle": {"gracefulShutdownTimeoutMs": 3000},
         }
+        self.workers = workers if workers is not None else os.cpu_count()
         if workers is not None:
             smtp["workers"] = workers
         if relay_to is not None:
@@ -218,7 +234,9 @@ class OurServer:
             return banner_ok(self.port)
 
         wait_until(up, timeout, what="our SMTP banner")
-        time.sleep(0.5)  # let spawned workers bind too
+        if self.workers is not None and self.workers > 1:  # spawned workers bind later
+            wait_until(lambda: listening_sockets(self.port) >= self.workers, 120,  # type: ignore
+                       interval=0.2, what="every worker listening")
 
     @property
     def pid(self) -> int:
