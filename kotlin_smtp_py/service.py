@@ -109,6 +109,41 @@ class ReloadableTLS:
         return self.current.getContext()
 
 
+def systemd_listen_fds(env: dict[str, str] | None = None) -> list[tuple[int, int]]:
+    """Sockets passed by systemd socket activation (``LISTEN_FDS``/``LISTEN_PID``), as
+    (fd, address family), in order; ``smtp.listeners[i]`` adopts the i-th one. The variables
+    are removed so that child processes do not inherit them (like sd_listen_fds(1))."""
+    import socket
+
+    environ: Any = os.environ if env is None else env
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+        pid = int(environ.get("LISTEN_PID", "0"))
+    except ValueError:
+        count, pid = 0, 0
+    fds: list[int] = []
+    if count > 0 and pid == os.getpid():
+        fds = list(range(3, 3 + count))
+        for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            environ.pop(key, None)
+    elif env is None:
+        # Importing twisted.internet.endpoints (twistd does, early) already consumed the
+        # variables into its systemd endpoint parser; take the descriptors from there.
+        try:
+            from twisted.internet.endpoints import _SystemdParser
+
+            fds = list(_SystemdParser._sddaemon.inheritedDescriptors())
+        except (ImportError, AttributeError):
+            fds = []
+    out = []
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)  # systemd passes blocking sockets; accept() must not block
+        out.append((fd, int(sock.family)))
+        sock.detach()
+    return out
+
+
 class TriggerGate:
     """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing."""
 
@@ -424,6 +459,7 @@ class SmtpService(service.MultiService):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         s = self.config.smtp
+        self._inherited = systemd_listen_fds()
         for listener in s.effective_listeners():
             factory = self.make_factory(listener)
             outer: Any = factory
@@ -442,7 +478,10 @@ class SmtpService(service.MultiService):
             log.info("SMTP worker {index} of {count} serving", index=self.cluster.index,
                      count=self.cluster.count, event="worker_ready")
             return  # management, operator requests and TLS-RPT belong to the parent
-        if self.cluster is not None:
+        if self.cluster is not None and self._inherited:
+            log.warn("socket activation: systemd owns the listening sockets, so the extra "
+                     "SMTP workers are not started (set smtp.workers: 1)")
+        elif self.cluster is not None:
             assert self.config_path is not None
             self.supervisor = WorkerSupervisor(self.reactor, self.cluster, self.config_path,
                                                [p.getHost().port for p in self.ports])
@@ -503,6 +542,9 @@ class SmtpService(service.MultiService):
         signal.signal(signal.SIGHUP, handler)
 
     def _listen(self, index: int, listener: Any, factory: Any) -> Any:
+        if index < len(self._inherited):  # socket activation: systemd owns the socket
+            fd, family = self._inherited[index]
+            return self.reactor.adoptStreamPort(fd, family, factory)
         if self.cluster is None:
             return self.reactor.listenTCP(listener.port, factory, interface=listener.bindAddress)
         # Several processes on one port: the parent binds first (port 0 resolves there) and
