@@ -141,7 +141,7 @@ class MtaProcess:
             args += ["--config", str(self.config_path)]
         return args
 
-    def start(self, wait: bool = True, timeout: float = 20.0) -> MtaProcess:
+    def start(self, wait: bool = True, timeout: float = 60.0) -> MtaProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.runs += 1
         self.log_path = self.root / f"twistd-{self.runs}.log"
@@ -152,7 +152,7 @@ class MtaProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"twistd exited with {self.proc.returncode} before "

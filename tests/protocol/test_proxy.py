@@ -33,7 +33,10 @@ def v2_header(src: str, sport: int, dport: int = 25, command: int = 1) -> bytes:
 
 def _closed_without_greeting(port: int, data: bytes) -> bool:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(data)
+    try:
+        s.sendall(data)
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # aborted before we finished sending: also a refusal without a greeting
     got = b""
     try:
         while True:
