@@ -24,6 +24,10 @@ Invariants:
   (:class:`LeaseLost`). Leases are renewed every ``lockTtl/3`` while held; a dead node's lease
   lapses after ``lockTtl`` and the entry becomes due again (claim moves its due time to the lease
   expiry, so ``due()`` does not keep returning entries that are being delivered).
+- ``complete`` after a delivery is retried while Redis is unreachable, for as long as this node's
+  lease is known to be valid (last successful claim/renewal + ``lockTtl``): the message has
+  been handed over, and giving up would let another node deliver it again once the lease lapses.
+  After the lease may have lapsed it gives up (RedisUnavailable); the entry is then redelivered.
 - ``claim`` copies the raw message to a private temp file in ``tempDir``; the file is removed when
   the claim ends (complete, reschedule, release), whatever the outcome.
 - Every Redis call has a deadline (see :mod:`kotlin_smtp_py.redisconn`); while Redis is down
@@ -59,6 +63,7 @@ CHUNK_BYTES = 256 * 1024
 STAGING_TTL_MS = 3600 * 1000
 LIST_BATCH = 200
 PENDING_REFRESH_SECONDS = 1.0
+COMPLETE_RETRY_SECONDS = 0.5
 
 
 class MessageTooLarge(Exception):
@@ -199,6 +204,7 @@ class _Held:
     queue_id: str
     path: str
     next_attempt: float
+    expires: float = 0.0  # the lease is valid at least until then (clock seconds)
     lost: bool = False
 
 
@@ -431,7 +437,7 @@ class RedisSpool:
         except OSError:
             await self._release_quietly(queue_id, token, entry.next_attempt)
             raise
-        self._held[token] = _Held(queue_id, path, entry.next_attempt)
+        self._held[token] = _Held(queue_id, path, entry.next_attempt, now + self.lock_ttl)
         self._ensure_renewal()
         return Claim(entry, token, path)
 
@@ -478,9 +484,7 @@ class RedisSpool:
         async def run() -> None:
             qid = claim.entry.queue_id
             try:
-                result = await self.client.eval(
-                    _COMPLETE, [self.key("lock", qid), self.key("msg", qid),
-                                self.key("meta", qid), self.key("due")], [claim.token, qid])
+                result = await self._complete_while_leased(claim)
             finally:
                 self._end(claim)
             if result == -1:
@@ -488,6 +492,35 @@ class RedisSpool:
             self._set_pending(result)
 
         return _d(run())
+
+    async def _complete_while_leased(self, claim: Claim) -> Any:
+        """The complete script, retried through a Redis outage while the lease is valid."""
+        from twisted.internet import task
+
+        qid = claim.entry.queue_id
+        keys = [self.key("lock", qid), self.key("msg", qid), self.key("meta", qid),
+                self.key("due")]
+        retried = False
+        while True:
+            try:
+                result = await self.client.eval(_COMPLETE, keys, [claim.token, qid])
+            except RedisUnavailable as exc:
+                held = self._held.get(claim.token)
+                if held is None or held.lost or \
+                        self._now() + COMPLETE_RETRY_SECONDS >= held.expires:
+                    raise
+                if not retried:
+                    log.warn("could not mark {queue_id} delivered ({error}); retrying while "
+                             "its lease lasts", queue_id=qid, error=exc)
+                retried = True
+                await task.deferLater(self.clock, COMPLETE_RETRY_SECONDS)
+                continue
+            if result == -1 and retried:
+                # an earlier attempt may have run before its reply was lost: gone is done
+                if await self.client.execute("EXISTS", self.key("meta", qid)) == 0:
+                    log.info("{queue_id} was already completed", queue_id=qid)
+                    return None
+            return result
 
     def reschedule(self, claim: Claim, entry: QueueEntry) -> defer.Deferred[None]:
         async def run() -> None:
@@ -562,7 +595,9 @@ class RedisSpool:
                 log.warn("could not renew lease on {queue_id}: {error}",
                          queue_id=held.queue_id, error=exc)
                 continue
-            if ok != 1:
+            if ok == 1:
+                held.expires = now + self.lock_ttl
+            else:
                 held.lost = True
                 log.warn("lease on {queue_id} was lost; another node may deliver it",
                          queue_id=held.queue_id)

@@ -237,7 +237,9 @@ def node_overrides(name: str, redis: RedisServer, prefix: str, sink_port: int, *
                    retry_delay: int = 1, log_level: str = "info") -> dict[str, Any]:
     smtp: dict[str, Any] = {
         "hostname": f"node-{name}.test",
-        "redis": {"url": redis.url, "commandTimeoutMs": 2000, "connectTimeoutMs": 2000},
+        # commandTimeoutMs stays at its default (5 s): on a box loaded by other suites a 2 s
+        # deadline can expire while the reply sits unread, and the client then gets a 451.
+        "redis": {"url": redis.url, "connectTimeoutMs": 2000},
         "spool": {"type": "redis", "workerConcurrency": concurrency,
                   "retryDelaySeconds": retry_delay, "maxRetries": 50,
                   "redis": {"keyPrefix": prefix, "lockTtlSeconds": lock_ttl}},

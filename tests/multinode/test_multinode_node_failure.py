@@ -39,7 +39,7 @@ def _duplicate_holds(sink: TokenSink) -> list[str]:
 
 
 def test_sigkilled_node_leases_expire_and_others_deliver_exactly_once(
-        nodes_pool: MtaPool, private_redis: RedisServer, sink: TokenSink) -> None:
+        private_redis: RedisServer, sink: TokenSink, nodes_pool: MtaPool) -> None:
     prefix = f"mn:{uuid.uuid4().hex[:12]}"
     sink.release.clear()  # hold every delivery after its final dot
     nodes = start_nodes(nodes_pool, ["a", "b", "c"], private_redis, prefix, sink.port,
