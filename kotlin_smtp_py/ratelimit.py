@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from kotlin_smtp_py.config import Config
+from kotlin_smtp_py.netutil import CidrSet
 from kotlin_smtp_py.redisconn import LuaScript, RedisClient
 
 log = Logger()
@@ -498,20 +499,10 @@ class _Exempt:
     """Clients in ``smtp.rateLimit.exemptCidrs`` (default: loopback) are never limited."""
 
     def __init__(self, networks: list[str]) -> None:
-        import ipaddress
-
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._exempt = CidrSet(networks)
 
     def exempt(self, ip: str) -> bool:
-        import ipaddress
-
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in self._networks)
+        return self._exempt.contains(ip)
 
 
 @implementer(IConnectionLimiter)

@@ -9,7 +9,6 @@ or have their leases released (entries stay queued), then the process exits 0.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from typing import Any
@@ -34,6 +33,7 @@ from kotlin_smtp_py.local.delivery import LocalDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory, read_list
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
+from kotlin_smtp_py.netutil import CidrSet
 from kotlin_smtp_py.outbound.relay import RelayDelivery
 from kotlin_smtp_py.plugins import (
     EventHooks,
@@ -258,8 +258,7 @@ class SmtpService(service.MultiService):
             if s.plugins.localDelivery else \
             LocalDelivery(self.directory, lambda d: self.router.is_local_domain(d),
                           resubmit=self._resubmit)
-        self._trusted_networks = [ipaddress.ip_network(n, strict=False)
-                                  for n in s.relay.allowedClientCidrs]
+        self._trusted_networks = CidrSet(s.relay.allowedClientCidrs)
         relay: RelayDelivery | None = None
         self.relay_policy: RelayAccessPolicy | None = None
         self.tls_reporter: Any = None  # TLS-RPT (RFC 8460), outboundPolicy.tlsRpt.enabled
@@ -308,14 +307,7 @@ class SmtpService(service.MultiService):
         return self.directory.resolve(sender.local)
 
     def _trusted(self, peer_ip: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(peer_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self._trusted_networks)
-
+        return self._trusted_networks.contains(peer_ip)
     def _archive_sent(self, entry: Any, message_path: str) -> defer.Deferred[Any]:
         owner = entry.envelope.archive_owner
         root = os.path.join(self.config.smtp.storage.mailboxDir, owner, "sent")

@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from zope.interface import directlyProvides, implementer, providedBy
 
+from kotlin_smtp_py.netutil import CidrSet
+
 log = Logger()
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -191,14 +193,8 @@ class ProxyWrappingFactory(policies.WrappingFactory):
         from twisted.internet import reactor
 
         super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]
-        self._networks = [ipaddress.ip_network(c, strict=False) for c in trusted_cidrs]
+        self._trusted = CidrSet(trusted_cidrs)
         self.clock: Any = clock if clock is not None else reactor
 
     def trusted(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self._networks)
+        return self._trusted.contains(host)

@@ -19,8 +19,6 @@ never a route). Decision order:
 
 from __future__ import annotations
 
-import importlib
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,8 @@ from zope.interface import implementer
 from kotlin_smtp_py.config import RelayConfig
 from kotlin_smtp_py.envelope import Address
 from kotlin_smtp_py.interfaces import IRelayAccessPolicy
+from kotlin_smtp_py.netutil import CidrSet
+from kotlin_smtp_py.plugins import load_plugin
 
 log = Logger()
 
@@ -51,14 +51,6 @@ def is_address_trick(recipient: Address) -> bool:
     return recipient.literal or any(c in recipient.local for c in _TRICK_CHARS)
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 @implementer(IRelayAccessPolicy)
@@ -67,8 +59,7 @@ class DefaultRelayRule:
 
     def __init__(self, relay: RelayConfig) -> None:
         self._relay = relay
-        self._networks = [ipaddress.ip_network(c, strict=False)
-                          for c in relay.allowedClientCidrs]
+        self._networks = CidrSet(relay.allowedClientCidrs)
         self._domains = frozenset(d.lower().rstrip(".") for d in relay.allowedSenderDomains)
 
     def decide(self, session: Any, sender: Any, recipient: Any) -> bool:
@@ -80,8 +71,7 @@ class DefaultRelayRule:
             return True  # open relay, explicitly configured (failOnOpenRelay guards start-up)
         checks = []
         if self._networks:
-            ip = _ip(str(getattr(session, "peer_ip", "")))
-            checks.append(ip is not None and any(ip in n for n in self._networks))
+            checks.append(self._networks.contains(str(getattr(session, "peer_ip", ""))))
         if self._domains:
             checks.append(isinstance(sender, Address) and not sender.literal
                           and sender.domain.lower() in self._domains)
@@ -89,20 +79,8 @@ class DefaultRelayRule:
 
 
 def load_rule(path: str, relay: RelayConfig) -> Any:
-    """Import ``package.module.Name`` (or ``package.module:Name``); classes are instantiated
-    with the RelayConfig when they accept it, else without arguments."""
-    module_name, _, attr = path.replace(":", ".").rpartition(".")
-    if not module_name:
-        raise ValueError(f"relay rule {path!r} is not a dotted path")
-    obj = getattr(importlib.import_module(module_name), attr)
-    if isinstance(obj, type):
-        try:
-            obj = obj(relay)
-        except TypeError:
-            obj = obj()
-    if not IRelayAccessPolicy.providedBy(obj):
-        raise TypeError(f"relay rule {path!r} does not provide IRelayAccessPolicy")
-    return obj
+    """A relay rule by dotted path (see plugins.load_plugin); classes get the RelayConfig."""
+    return load_plugin(path, IRelayAccessPolicy, relay)
 
 
 @implementer(IRelayAccessPolicy)

@@ -1,0 +1,35 @@
+"""Client-address matching against CIDR lists (trusted balancers, rate-limit exemptions,
+relay allow-lists): one implementation, IPv4-mapped IPv6 addresses treated as IPv4."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """``192.0.2.1``, ``[::1]``, ``fe80::1%eth0`` or ``::ffff:192.0.2.1`` (→ IPv4); None if
+    not an address."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class CidrSet:
+    """A set of networks; ``contains(ip_text)`` is False for anything that is not an address."""
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def contains(self, ip_text: str) -> bool:
+        ip = parse_ip(ip_text)
+        return ip is not None and any(ip in n for n in self.networks)
