@@ -321,7 +321,7 @@ class SmtpService(service.MultiService):
                                                recipient, session.auth_user)
 
     def _submit_report(self, envelope: Any, data: bytes) -> defer.Deferred[Any]:
-        """Queue a message we generate (TLS-RPT reports) and start a spool run."""
+        """Queue a message we generate (TLS-RPT reports, list expansions); start a run."""
         d: defer.Deferred[Any] = self.spool.enqueue(envelope, data)
 
         def queued(entry: Any) -> Any:
@@ -332,16 +332,9 @@ class SmtpService(service.MultiService):
         return d.addCallback(queued)
 
     def _resubmit(self, envelope: Any, message_path: str) -> defer.Deferred[Any]:
+        """List expansion: remote members leave as a new entry with the same message."""
         with open(message_path, "rb") as fh:
-            data = fh.read()
-        d: defer.Deferred[Any] = self.spool.enqueue(envelope, data)
-
-        def queued(entry: Any) -> Any:
-            self.metrics.spool_queued()
-            self.scheduler.trigger()
-            return entry
-
-        return d.addCallback(queued)
+            return self._submit_report(envelope, fh.read())
 
     def _build_plugins(self) -> None:
         """Limiters and extension points from ``smtp.rateLimit``/``smtp.auth``/``smtp.plugins``."""
