@@ -11,9 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mtaproc import TWISTD, MtaProcess, make_config, proc_env, write_config
-
 from helpers import free_port, wait_until
+from mtaproc import TWISTD, MtaProcess, make_config, proc_env, write_config
 
 
 def test_notify_ready_after_listeners_and_stopping_on_sigterm(tmp_path: Path) -> None:
@@ -49,7 +48,7 @@ def test_socket_activation_adopts_the_listening_socket(tmp_path: Path) -> None:
     port = free_port()
     conf = make_config(tmp_path / "data", smtp_port=0)  # the config's own port is not used
     cfg = write_config(tmp_path / "config.yaml", conf)
-    log = open(tmp_path / "activate.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "activate.log", "wb")
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=smtp",
          "-E", "PYTHONPATH", TWISTD, "-n", "--pidfile=", "smtp", "--config", str(cfg)],
