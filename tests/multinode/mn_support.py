@@ -67,6 +67,7 @@ class TokenSink:
         self.release.set()
         self.dead: set[str] = set()  # nodes whose held deliveries are dropped unanswered
         self.temp_fail_first: bool = False  # answer 451 to the first attempt of each token
+        self.refuse_all: bool = False  # answer 451 to every message
         self.sessions = 0
         self.trace: list[tuple[float, str]] | None = None  # (time, line) when debugging
         self.errors: list[str] = []
@@ -185,13 +186,15 @@ class TokenSink:
                 body: bytes) -> bool:
         m = TOKEN_RE.search(body)
         token = m.group(1).decode("ascii") if m else f"<no token {uuid.uuid4().hex[:8]}>"
+        if not sender:  # a DSN quotes the original's headers: count it apart from the original
+            token = f"dsn:{token}"
         attempt = Attempt(token, node, sender, list(rcpts), time.monotonic())
         if self.trace is not None:
             self.trace.append((time.time(), f"<final dot of {token}>"))
         with self.lock:
             first = not any(a.token == token for a in self.attempts)
             self.attempts.append(attempt)
-        if self.temp_fail_first and first:
+        if self.refuse_all or (self.temp_fail_first and first):
             with self.lock:
                 attempt.outcome = "451"
             conn.sendall(b"451 4.3.0 try again (sink)\r\n")
