@@ -65,6 +65,7 @@ class TokenSink:
         self.delivered: Counter[str] = Counter()
         self.release = threading.Event()  # set: answer at once; clear: hold after the dot
         self.release.set()
+        self.hold_only: set[str] | None = None  # hold only these nodes' deliveries (None: all)
         self.dead: set[str] = set()  # nodes whose held deliveries are dropped unanswered
         self.temp_fail_first: bool = False  # answer 451 to the first attempt of each token
         self.refuse_all: bool = False  # answer 451 to every message
@@ -199,7 +200,8 @@ class TokenSink:
                 attempt.outcome = "451"
             conn.sendall(b"451 4.3.0 try again (sink)\r\n")
             return True
-        if not self.release.wait(HOLD_LIMIT):
+        held = self.hold_only is None or node in self.hold_only
+        if held and not self.release.wait(HOLD_LIMIT):
             with self.lock:
                 attempt.outcome = "451"
             conn.sendall(b"451 4.3.0 held too long (sink)\r\n")
