@@ -11,6 +11,10 @@ from typing import Any
 from zope.interface import Attribute, Interface
 
 
+class BackendUnavailable(Exception):
+    """A storage backend (Redis) cannot be reached right now; callers answer 4xx and retry."""
+
+
 class ISpoolWriter(Interface):
     """Receives one message's bytes during DATA/BDAT; nothing is durable before ``commit``."""
 

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import RedisConfig
-from kotlin_smtp_py.interfaces import IHealthIndicator
+from kotlin_smtp_py.interfaces import BackendUnavailable, IHealthIndicator
 
 log = Logger()
 
@@ -44,7 +44,7 @@ RECONNECT_INITIAL_DELAY = 0.2
 RECONNECT_MAX_DELAY = 2.0
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(BackendUnavailable):
     """Redis cannot be reached right now (not connected, connection lost, or deadline passed)."""
 
 

@@ -106,6 +106,13 @@ class ReplyReader(Protocol):
         self.closed = defer.Deferred[None]()
 
     # -- transport side
+    def connectionMade(self) -> None:
+        # Commands and the final "." are small writes: without TCP_NODELAY, Nagle plus the
+        # peer's delayed ACK add ~40 ms per message.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return

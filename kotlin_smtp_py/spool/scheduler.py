@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kotlin_smtp_py.envelope import Recipient
-from kotlin_smtp_py.interfaces import IRouter, ISpool
+from kotlin_smtp_py.interfaces import BackendUnavailable, IRouter, ISpool
 from kotlin_smtp_py.spool.record import Claim, QueueEntry
 from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 
@@ -157,8 +157,12 @@ class Scheduler:
 
         def failed(f: Any) -> None:
             error = f"{type(f.value).__name__}: {f.value}"
-            if error != self._last_error:  # one traceback per distinct outage, not per tick
-                log.failure("spool pass failed; deliveries pause until it works again", f)
+            if error != self._last_error:  # one report per distinct outage, not per tick
+                if f.check(BackendUnavailable):
+                    log.warn("spool backend unavailable, deliveries pause: {error}",
+                             error=str(f.value), event="spool_unavailable")
+                else:
+                    log.failure("spool pass failed; deliveries pause until it works again", f)
             self._last_error = error
 
         d.addCallbacks(succeeded, failed).addBoth(finished)
