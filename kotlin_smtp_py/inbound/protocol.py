@@ -143,8 +143,11 @@ class HeaderFixer:
         self._hostname = hostname
         self._held: bytearray | None = bytearray()
         self.message_id: str | None = None
+        self.eight_bit = False  # the content really has bytes >= 0x80 (whatever BODY= said)
 
     def write(self, data: bytes) -> None:
+        if not self.eight_bit and not data.isascii():
+            self.eight_bit = True
         if self._held is None:
             self._writer.write(data)
             return
@@ -865,7 +868,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         envelope = Envelope(
             sender=sender, recipients=tuple(tx.recipients), helo=self._helo_name or "",
             peer=self.peer_ip, auth_user=self._auth_user, tls=self._tls, smtputf8=tx.smtputf8,
-            body=(params.get("BODY") or "7BIT").upper(),
+            # What the next hop needs to know is the content, not the declaration: 8-bit
+            # bytes without BODY=8BITMIME are recorded as 8BITMIME, pure ASCII as 7BIT.
+            body="8BITMIME" if tx.header.eight_bit else "7BIT",
             ret=(params.get("RET") or "").upper() or None,
             envid=xtext_decode(params["ENVID"] or "") if params.get("ENVID") else None,
             size=tx.writer.size, received_at=self.clock.seconds(),

@@ -637,6 +637,12 @@ class ClientSession:
             raise self._fail(Reason.MESSAGE, f"message size {msg.size} exceeds the limit of "
                              f"{self.target.name} ({limit})", "5.3.4", try_next=False,
                              permanent=True)
+        if msg.eight_bit and "8BITMIME" not in ext:
+            # RFC 6152 §3: 8-bit content must not go to a server without 8BITMIME; we do
+            # not downgrade (it would break signatures), so it is returned to the sender.
+            raise self._fail(Reason.MESSAGE, f"message has 8-bit content but "
+                             f"{self.target.name} does not support 8BITMIME", "5.6.3",
+                             try_next=False, permanent=True)
         need = _needs_utf8(msg.sender) or any(_needs_utf8(r.address) for r in msg.recipients)
         if not need or "SMTPUTF8" in ext:
             return {}, need

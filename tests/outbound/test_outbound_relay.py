@@ -99,11 +99,20 @@ def test_dsn_size_and_body_parameters_when_advertised(sinks, make_config,
 def test_no_extension_parameters_when_not_advertised(sinks, make_config, tmp_path: Path) -> None:
     sink = sinks.start(behaviour=Behaviour(extensions=[]))
     rcpt = Recipient("a@normal.test", ("SUCCESS",), "rfc822;a@normal.test")
-    entry, path = make_entry(tmp_path, [rcpt], BODY, ret="FULL", envid="x", body="8BITMIME")
+    entry, path = make_entry(tmp_path, [rcpt], BODY, ret="FULL", envid="x", body="7BIT")
     assert deliver(make_config(), entry, path)[0][1].ok
     txn = sink.transactions[0]
     assert txn.mail == "MAIL FROM:<sender@origin.test>"
     assert txn.rcpts == ["RCPT TO:<a@normal.test>"]
+
+
+def test_eight_bit_content_to_a_server_without_8bitmime_is_returned_5_6_3(
+        sinks, make_config, tmp_path: Path) -> None:
+    sink = sinks.start(behaviour=Behaviour(extensions=["PIPELINING"]))
+    entry, path = make_entry(tmp_path, ["a@normal.test"], BODY, body="8BITMIME")
+    (_, status), = deliver(make_config(), entry, path)
+    assert status.permanent and status.enhanced == "5.6.3"
+    assert sink.transactions == []
 
 
 def test_helo_fallback_when_ehlo_refused(sinks, make_config, tmp_path: Path) -> None:
