@@ -149,7 +149,7 @@ def make_certs(directory: Path, hostnames: tuple[str, ...] = ("localhost", "mx.t
 class RedisServer:
     """A private ``redis-server`` on a free loopback port (never the shared 6379)."""
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, replica_of: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found (make test installs it)")
@@ -157,6 +157,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="kotlin-smtp-redis-")
         self.port = free_port()
         self.appendonly = appendonly
+        self.replica_of = replica_of
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -170,6 +171,8 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.proc = subprocess.Popen(args)
         wait_until(self._ping, timeout=10, message="redis-server to answer PING")
 

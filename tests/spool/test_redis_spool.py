@@ -303,3 +303,47 @@ def test_pending_count_from_another_thread(redis_spool_factory: Factory) -> None
         store(writer_side)
     # called from the test thread, like a metrics scrape in a WSGI thread
     wait_until(lambda: spool.pending_count() == 2, timeout=5, message="pending_count == 2")
+
+
+def test_min_replicas_with_a_real_replica(tmp_path: Path, reactor_thread: None) -> None:
+    """WAIT with a live replica: the commit succeeds only once the replica has the entry; with
+    the replica gone it fails (the protocol answers 451) instead of acknowledging."""
+    from helpers import RedisServer
+
+    from kotlin_smtp_py.spool.redis import RedisSpool, ReplicationError
+
+    primary = RedisServer()
+    primary.start()
+    replica = RedisServer(replica_of=primary.port)
+    try:
+        replica.start()
+
+        def info(port: int) -> bytes:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"INFO replication\r\n")
+                return s.recv(8192)
+
+        def replica_linked() -> bool:
+            return b"connected_slaves:1" in info(primary.port)
+
+        wait_until(lambda: b"master_link_status:up" in info(replica.port), timeout=30,
+                   message="replica in sync")
+        client = redis_client(primary)
+        spool = on_reactor(lambda: RedisSpool(client, "wait:spool", str(tmp_path / "t"),
+                                              min_replicas=1, replica_wait_ms=2000))
+        entry = store(spool)
+        rclient = redis_client(replica)
+        copied = on_reactor(rclient.execute, "EXISTS", spool.key("msg", entry.queue_id))
+        assert copied == 1  # WAIT returned: the replica already holds the message
+        replica.stop()
+        wait_until(lambda: not replica_linked(), timeout=30, message="replica detached")
+        with pytest.raises(ReplicationError):
+            store(spool)
+        on_reactor(spool.close)
+        on_reactor(client.close)
+        on_reactor(rclient.close)
+    finally:
+        replica.cleanup()
+        primary.cleanup()
