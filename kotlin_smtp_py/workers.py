@@ -68,6 +68,12 @@ def prepare_parent(config: Any) -> ClusterRole | None:
     count = effective_workers(config)
     if count <= 1:
         return None
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+        # systemd socket activation: the sockets are systemd's (no SO_REUSEPORT), so one
+        # process serves them; run several units (or ReusePort=yes sockets) to scale out.
+        log.warn("socket activation: smtp.workers={count} ignored, serving in one process",
+                 count=count)
+        return None
     metrics_dir = tempfile.mkdtemp(prefix="kotlin-smtp-metrics-")
     return ClusterRole(index=0, count=count, metrics_dir=metrics_dir)
 

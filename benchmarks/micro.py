@@ -1,0 +1,138 @@
+"""Microbenchmarks: DATA framing (DataDecoder) and file-spool commits.
+
+    python -m benchmarks.micro [--seconds 2]
+
+- DataDecoder: MB/s of dot-stuffed wire bytes decoded, 4 KB and 1 MB bodies, fed in 64 KiB
+  reads (what a busy TCP socket delivers) and in 4 KiB reads.
+- FileSpool commit: entries/s of ``open_writer`` + ``write(4 KiB)`` + ``commit`` (two fsyncs per
+  entry plus a shared directory fsync), with 1 writer and with 8 concurrent writers on the real
+  reactor thread pool (the group commit in ``spool/file.py`` shares directory fsyncs).
+
+Figures only; nothing is asserted. Spool files go to a temporary directory on the same file
+system as /tmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from kotlin_smtp_py.envelope import Envelope, Recipient
+from kotlin_smtp_py.inbound.framing import DataDecoder
+
+
+def make_wire(body_bytes: int, line_len: int = 78) -> bytes:
+    """A dot-stuffed DATA stream: lines of ``line_len`` bytes, every 10th starting with a dot."""
+    lines = []
+    size = 0
+    n = 0
+    while size < body_bytes:
+        text = (b"." if n % 10 == 0 else b"") + b"x" * (line_len - 2)
+        if text.startswith(b"."):
+            text = b"." + text  # stuffed
+        lines.append(text + b"\r\n")
+        size += len(lines[-1])
+        n += 1
+    return b"".join(lines) + b".\r\n"
+
+
+def bench_decoder(body_bytes: int, read_size: int, seconds: float) -> tuple[float, int]:
+    wire = make_wire(body_bytes)
+    chunks = [wire[i:i + read_size] for i in range(0, len(wire), read_size)]
+    out: list[int] = []
+    done = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    rounds = 0
+    while time.perf_counter() < deadline and rounds < 10_000_000:
+        dec = DataDecoder(lambda b: out.append(len(b)), max_size=64 * 1024 * 1024)
+        for c in chunks:
+            rest = dec.feed(c)
+            if rest is not None:
+                break
+        assert dec.done and dec.error == "ok", dec.error
+        done += len(wire)
+        rounds += 1
+        out.clear()
+    elapsed = time.perf_counter() - started
+    return done / elapsed / 1e6, rounds
+
+
+def bench_spool(writers: int, seconds: float, root: str) -> tuple[float, int]:
+    """Commits/s with ``writers`` concurrent writers (each starts the next when one commits)."""
+    from twisted.internet import defer, reactor
+
+    from kotlin_smtp_py.spool.file import FileSpool
+
+    spool_dir = tempfile.mkdtemp(prefix="spool-", dir=root)
+    spool = FileSpool(spool_dir, clock=reactor)
+    body = b"x" * 4094 + b"\r\n"
+    env = Envelope(sender="a@bench.test", recipients=(Recipient("b@bench.test"),))
+    result: dict[str, Any] = {"n": 0}
+    r: Any = reactor
+    pool = r.getThreadPool()
+    pool.adjustPoolsize(max(10, writers + 2), max(10, writers + 2))
+
+    @defer.inlineCallbacks
+    def writer(deadline: float) -> Any:
+        while time.perf_counter() < deadline and result["n"] < 1_000_000:
+            w = spool.open_writer()
+            w.write(body)
+            yield w.commit(env)
+            result["n"] += 1
+
+    @defer.inlineCallbacks
+    def run() -> Any:
+        started = time.perf_counter()
+        deadline = started + seconds
+        yield defer.DeferredList([writer(deadline) for _ in range(writers)])
+        result["elapsed"] = time.perf_counter() - started
+
+    d = run()
+    done = {"stop": False}
+
+    def finish(_: object) -> None:
+        done["stop"] = True
+
+    d.addBoth(finish)
+    while not done["stop"]:
+        r.iterate(0.01)
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    return result["n"] / result["elapsed"], result["n"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    with open("/proc/loadavg") as fh:
+        load = " ".join(fh.read().split()[:3])
+    print(f"cores {os.cpu_count()}, loadavg {load}")
+    for body in (4096, 1024 * 1024):
+        for read in (65536, 4096):
+            mbs, rounds = bench_decoder(body, read, args.seconds)
+            print(f"DataDecoder body {body:>8} B, reads of {read:>5} B: {mbs:8.1f} MB/s "
+                  f"({rounds} messages)")
+    root = tempfile.mkdtemp(prefix="kotlin-smtp-micro-")
+    try:
+        from twisted.internet import reactor
+
+        r: Any = reactor
+        r.startRunning()
+        for writers in (1, 8):
+            rate, n = bench_spool(writers, args.seconds, root)
+            print(f"FileSpool commit, {writers} writer(s): {rate:8.0f} commits/s "
+                  f"({n} commits of 4 KiB)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
