@@ -1,0 +1,150 @@
+"""Spool drain: N queued messages relayed to a local ``smtp-sink``, ours vs Postfix.
+
+    python -m benchmarks.drain [--messages 10000] [--body-bytes 4096] [--workers N]
+
+Ours: the file spool is filled offline (the same commit path as a 250: fsync'd message and
+envelope), then twistd starts with a relay default route to the sink and we time until the
+queue is empty. Postfix: messages are injected over SMTP with ``defer_transports = smtp`` (held
+in the deferred queue), then the hold is lifted, ``postqueue -f`` runs and we time until the
+queue is empty. Prints msgs/s and the load average; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import (
+    SMTP_SINK,
+    OurServer,
+    PostfixServer,
+    TreeStats,
+    free_port,
+    loadavg,
+    postfix_missing,
+    run_smtp_source,
+    wait_until,
+)
+
+
+def start_sink(root: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    out = open(root / "sink.out", "wb")
+    proc = subprocess.Popen([SMTP_SINK, "-u", "root", f"127.0.0.1:{port}", "512"], stdout=out,
+                            stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    return proc, port
+
+
+def fill_our_spool(spool_dir: Path, n: int, body_bytes: int) -> None:
+    from kotlin_smtp_py.envelope import Envelope, Recipient
+    from kotlin_smtp_py.spool.file import FileSpool
+    from kotlin_smtp_py.spool.record import QueueEntry
+
+    spool = FileSpool(str(spool_dir))
+    body = b"Subject: drain\r\n\r\n" + (b"x" * 510 + b"\r\n") * (body_bytes // 512)
+    env = Envelope(sender="drain@bench.test", recipients=(Recipient("sink@remote.test"),))
+    now = time.time()
+    for _ in range(n):
+        w = spool.open_writer()
+        w.write(body)
+        entry = QueueEntry(queue_id=w.queue_id, envelope=env, pending=env.recipients,
+                           next_attempt=now, created=now)
+        spool.commit_sync(w._fh, w._path, entry)  # the synchronous half of commit()
+        w._done = True
+
+
+def drain_ours(root: Path, n: int, body_bytes: int, workers: int | None, limit: float) -> None:
+    sink, port = start_sink(root)
+    try:
+        server = OurServer(root / "ours", workers=workers, relay_to=port)
+        fill_our_spool(root / "ours" / "spool", n, body_bytes)
+        print(f"[kotlin-smtp-py] {server.queued()} entries queued; loadavg {loadavg()}")
+        started = time.monotonic()
+        server.start()
+        stats = TreeStats(server.pid)
+        stats.begin()
+        try:
+            wait_until(lambda: server.queued() == 0, limit, interval=0.2, what="our drain")
+            ok = True
+        except TimeoutError:
+            ok = False
+        took = time.monotonic() - started
+        usage = stats.end()
+        left = server.queued()
+        server.stop()
+        print(f"[kotlin-smtp-py] drained {n - left}/{n} in {took:.1f}s (incl. start-up): "
+              f"{(n - left) / took:,.0f} msg/s, CPU {usage['cpu_s']:.1f}s, "
+              f"{'complete' if ok else 'INCOMPLETE'}; loadavg {loadavg()}")
+    finally:
+        sink.terminate()
+        sink.wait(10)
+
+
+def drain_postfix(root: Path, n: int, body_bytes: int, limit: float) -> None:
+    sink, port = start_sink(root)
+    pf = PostfixServer(root / "postfix", relay_to=port)
+    with open(pf.etc / "main.cf", "a") as fh:
+        fh.write("defer_transports = smtp\n")
+    try:
+        pf.start()
+        run_smtp_source(pf.port, "sink@remote.test", 8, n, body_bytes, True, 1200)
+        wait_until(lambda: pf.queued() >= n, 300, interval=0.5, what="postfix to queue all")
+        print(f"[postfix] {pf.queued()} entries queued; loadavg {loadavg()}")
+        main_cf = (pf.etc / "main.cf").read_text().replace("defer_transports = smtp\n", "")
+        (pf.etc / "main.cf").write_text(main_cf)
+        subprocess.run(["/usr/sbin/postfix", "-c", str(pf.etc), "reload"], capture_output=True,
+                       timeout=60)
+        started = time.monotonic()
+        stats = TreeStats(pf.pid)
+        stats.begin()
+        subprocess.run(["/usr/sbin/postqueue", "-c", str(pf.etc), "-f"], capture_output=True,
+                       timeout=60)
+        try:
+            wait_until(lambda: pf.queued() == 0, limit, interval=0.2, what="postfix drain")
+            ok = True
+        except TimeoutError:
+            ok = False
+        took = time.monotonic() - started
+        usage = stats.end()
+        left = pf.queued()
+        print(f"[postfix] drained {n - left}/{n} in {took:.1f}s: {(n - left) / took:,.0f} msg/s,"
+              f" CPU {usage['cpu_s']:.1f}s, {'complete' if ok else 'INCOMPLETE'}; "
+              f"loadavg {loadavg()}")
+    finally:
+        pf.stop()
+        sink.terminate()
+        sink.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.drain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=10000)
+    ap.add_argument("--body-bytes", type=int, default=4096)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--limit-seconds", type=float, default=900.0)
+    ap.add_argument("--skip-postfix", action="store_true")
+    args = ap.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="kotlin-smtp-drain-"))
+    os.chmod(root, 0o755)
+    try:
+        drain_ours(root, args.messages, args.body_bytes, args.workers, args.limit_seconds)
+        why = postfix_missing()
+        if not args.skip_postfix and why is None:
+            drain_postfix(root, args.messages, args.body_bytes, args.limit_seconds)
+        elif why:
+            print(f"[postfix] skipped: {why}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
