@@ -6,6 +6,7 @@ start is stopped by pid when the run ends. Every wait is bounded.
 
 from __future__ import annotations
 
+import collections
 import grp
 import json
 import os
@@ -212,8 +213,9 @@ class OurServer:
                                               "startTlsEnabled": False}}
         conf = {"smtp": smtp,
                 "management": {"server": {"port": free_port(), "bindAddress": "127.0.0.1"}},
-                "logging": {"format": "text", "level": level,
-                            "file": str(root / "server.log")}}
+                # stdout into a pipe we drain (like journald): a log *file* on a disk that
+                # other processes fsync heavily blocks the reactor in write(2) (measured).
+                "logging": {"format": "text", "level": level, "file": "stdout"}}
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(conf, sort_keys=False))
         self.management_port = conf["management"]["server"]["port"]
@@ -221,22 +223,28 @@ class OurServer:
 
     def start(self, timeout: float = 30) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(self.root / "twistd.out", "wb") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "smtp", "--config",
-                 str(self.config_path)], cwd=self.root, env=env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "smtp", "--config",
+             str(self.config_path)], cwd=self.root, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.tail: collections.deque[bytes] = collections.deque(maxlen=200)
+        threading.Thread(target=self._drain_output, daemon=True).start()
 
         def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError("twistd exited:\n" + (self.root / "twistd.out").read_text())
+                raise RuntimeError("twistd exited:\n" + b"".join(self.tail).decode())
             return banner_ok(self.port)
 
         wait_until(up, timeout, what="our SMTP banner")
         if self.workers is not None and self.workers > 1:  # spawned workers bind later
             wait_until(lambda: listening_sockets(self.port) >= self.workers, 120,  # type: ignore
                        interval=0.2, what="every worker listening")
+
+    def _drain_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            self.tail.append(line)
 
     @property
     def pid(self) -> int:
