@@ -19,7 +19,7 @@ deps: $(BIN)/python
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing)) >/dev/null; fi; \
 	fi
-	@$(BIN)/python -c "import kotlin_smtp_py, pytest, mypy, hypothesis" 2>/dev/null || \
+	@$(BIN)/python -c "import kotlin_smtp_py, pytest, mypy, hypothesis, xdist, jsonschema" 2>/dev/null || \
 	  ($(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat)
 	@$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))" >/dev/null 2>&1 || true
 
@@ -37,7 +37,7 @@ unit: deps
 	$(BIN)/python -m pytest -q -x tests
 
 test: deps lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 tests
 
 bench: deps
 	$(BIN)/python -m benchmarks.e2e --clients 8 --messages 2000 --body-bytes 4096

@@ -605,7 +605,12 @@ class SmtpService(service.MultiService):
             yield self.management_port.stopListening()
         log.info("shutdown complete", event="shutdown_complete")
         # A clean drain after SIGTERM/SIGINT is a normal exit (status 0), not death by signal:
-        # twistd would otherwise re-raise the signal it caught once the reactor stops.
+        # twistd would otherwise re-raise the signal it caught once the reactor stops. Cleared
+        # again at the very end, in case a second SIGTERM arrived during the drain.
+        self._clear_exit_signal()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._clear_exit_signal)
+
+    def _clear_exit_signal(self) -> None:
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

@@ -11,7 +11,7 @@ from kotlin_smtp_py.outbound.mx import MxResolver, MxResult, make_resolver, pars
 from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 
 
-def resolve(port: int, domain: str, timeout: float = 2.0,
+def resolve(port: int, domain: str, timeout: float = 10.0,
             shuffle: Any = None) -> MxResult | DeliveryStatus:
     from twisted.internet import reactor
 

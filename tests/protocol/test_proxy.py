@@ -32,7 +32,10 @@ def v2_header(src: str, sport: int, dport: int = 25, command: int = 1) -> bytes:
 
 
 def _closed_without_greeting(port: int, data: bytes) -> bool:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionResetError:
+        return True  # reset during the handshake: refused before any greeting
     try:
         s.sendall(data)
     except (ConnectionResetError, BrokenPipeError):

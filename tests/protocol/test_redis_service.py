@@ -11,8 +11,8 @@ from protocol_support import Client
 
 
 def _redis_overrides(redis: RedisServer, prefix: str) -> dict[str, Any]:
-    return {"smtp": {"redis": {"url": redis.url, "commandTimeoutMs": 1000,
-                               "connectTimeoutMs": 1000},
+    return {"smtp": {"redis": {"url": redis.url, "commandTimeoutMs": 5000,
+                               "connectTimeoutMs": 5000},
                      "spool": {"type": "redis", "redis": {"keyPrefix": prefix}}}}
 
 
