@@ -462,6 +462,7 @@ class SmtpService(service.MultiService):
         if self.cluster is not None and not self.cluster.is_parent:
             log.info("SMTP worker {index} of {count} serving", index=self.cluster.index,
                      count=self.cluster.count, event="worker_ready")
+            self._install_sighup()  # the parent forwards SIGHUP: workers reload their TLS too
             return  # management, operator requests and TLS-RPT belong to the parent
         if self.cluster is not None and self._inherited:
             log.warn("socket activation: systemd owns the listening sockets, so the extra "
@@ -495,6 +496,10 @@ class SmtpService(service.MultiService):
         (they are logged). A config that fails validation changes nothing."""
         from kotlin_smtp_py import config as cfg
 
+        if self.supervisor is not None:
+            import signal
+
+            self.supervisor.signal_all(signal.SIGHUP)
         if self.config_path is None:
             log.warn("reload requested but the server was started without a config file")
             return False
