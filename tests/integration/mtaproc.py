@@ -64,6 +64,7 @@ def make_config(root: Path, smtp_port: int | None = None, users: tuple[str, ...]
     conf: dict[str, Any] = {
         "smtp": {
             "hostname": "mx.test",
+            "workers": 1,  # one process: RSS and log checks see the whole server
             "listeners": [{"port": smtp_port if smtp_port is not None else free_port(),
                            "bindAddress": "127.0.0.1", "idleTimeoutSeconds": 60}],
             "routing": {"localDomain": "localhost", "localDomains": ["example.test"]},
