@@ -33,7 +33,7 @@ def base(tmp_path: Path) -> dict[str, Any]:
 
 
 def _merge(conf: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    from mtaproc import deep_merge
+    from helpers import deep_merge
 
     return deep_merge(conf, extra)
 

@@ -9,7 +9,6 @@ clock, so nothing is delivered until the test advances it. ``pump`` advances the
 
 from __future__ import annotations
 
-import copy
 import json
 import smtplib
 import ssl
@@ -20,7 +19,7 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from helpers import CertSet, on_reactor, wait_until
+from helpers import CertSet, deep_merge, on_reactor, wait_until
 from twisted.internet import task
 
 from kotlin_smtp_py import config as cfg
@@ -33,14 +32,7 @@ HOSTNAME = "relay.e2e.test"  # never an MX in the test zone (that would be a mai
 _HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode("ascii")
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+merge = deep_merge
 
 
 class E2EServer:

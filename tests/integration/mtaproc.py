@@ -6,7 +6,6 @@ The process is always stopped by whoever started it (fixtures call :meth:`MtaPro
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers import free_port, wait_until  # noqa: E402
+from helpers import deep_merge, free_port, wait_until  # noqa: E402
 
 REPO = TESTS_DIR.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -42,16 +41,6 @@ def proc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def make_config(root: Path, smtp_port: int | None = None, users: tuple[str, ...] = ("alice", "bob"),

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helpers import CertSet, on_reactor
+from helpers import CertSet, deep_merge, on_reactor
 from protocol_support import Server
 
 from kotlin_smtp_py import config as cfg
 from kotlin_smtp_py.service import SmtpService
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 @pytest.fixture
@@ -54,7 +43,7 @@ def make_server(tmp_path: Path, certs: CertSet, reactor_thread: None
         if tls:
             base["smtp"]["ssl"] = {"enabled": True, "certChainFile": str(certs.cert),
                                    "privateKeyFile": str(certs.key)}
-        config = cfg.load_text(yaml.safe_dump(_merge(base, overrides or {})))
+        config = cfg.load_text(yaml.safe_dump(deep_merge(base, overrides or {})))
         svc = on_reactor(SmtpService, config)
         on_reactor(svc.startService)
         started.append(svc)
