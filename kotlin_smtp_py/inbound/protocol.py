@@ -233,7 +233,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._tls = bool(self.listener.implicitTls)
         self.startedTLS = self._tls
         self.factory.session_started(self)
-        log.info("session {session} connect from {peer}", session=self.session_id,
+        log.debug("session {session} connect from {peer}", session=self.session_id,
                  peer=self.peer_ip, event="session_started")
         if self._tls:
             self._arm_handshake_timer()

@@ -91,7 +91,7 @@ class LocalDelivery:
                                   # duplicate elimination (alice, alice+tag, lists with alice).
                                   maildir_name(entry.queue_id, name, env.received_at),
                                   prefix, message_path)
-            log.info("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
+            log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
                      queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
                      dup="" if fresh else " (already present)", event="delivered")
         return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
