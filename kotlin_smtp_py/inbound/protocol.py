@@ -211,7 +211,6 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._started = 0.0
         self.peer_ip = ""
         self.peer_port = 0
-        self._greeted = False
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -260,7 +259,6 @@ class SMTPServerProtocol(smtp.ESMTP):
             return
         self._send(R(220, "", f"{self.factory.hostname} {self.listener.serviceName} "
                               "kotlin-smtp-py ready"))
-        self._greeted = True
         self._busy = False
         self._process()
 
@@ -272,8 +270,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                 call.cancel()
         self._abort_tx()
         self.factory.session_ended(self)
-        if self._greeted or self.peer_ip:
-            self.factory.release_connection(self)
+        self.factory.release_connection(self)  # no-op unless the connection was counted
         log.info("session {session} disconnect from {peer}", session=self.session_id,
                  peer=self.peer_ip, duration_ms=int((time.monotonic() - self._started) * 1000),
                  event="session_ended")
