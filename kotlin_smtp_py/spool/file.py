@@ -388,8 +388,10 @@ class FileSpool:
     def _complete_sync(self, claim: Claim, held: _Held) -> None:
         eml, js, lock = self._paths(claim.entry.queue_id)
         try:
+            # No directory fsync here: the delivery itself is already durable, and an unlink
+            # lost to a power failure means a redelivery (Maildir names make that a no-op
+            # locally; SMTP tolerates duplicates over loss), like Postfix's queue removal.
             os.unlink(js)
-            self._queue_sync.sync()
             self.discard_sync_quietly(eml)
             self.discard_sync_quietly(lock)
         finally:
