@@ -106,6 +106,19 @@ def _parse_params(text: str) -> dict[str, str | None] | None:
     return params
 
 
+def _path_and_params(arg: str, verb: str,
+                     keyword: str) -> tuple[str, dict[str, str | None]] | SmtpReply:
+    """``FROM:<path> params`` / ``TO:<path> params`` → (path, params) or the 501 to send."""
+    split = _split_path(arg, keyword)
+    if split is None:
+        return R(501, "5.5.4", f"Syntax: {verb} {keyword}<address>")
+    path, ptext = split
+    params = _parse_params(ptext)
+    if params is None:
+        return R(501, "5.5.4", f"Syntax error in {verb} parameters")
+    return path, params
+
+
 def _xtext_ok(value: str | None) -> bool:
     return value is not None and bool(_XTEXT.match(value))
 
@@ -574,13 +587,10 @@ class SMTPServerProtocol(smtp.ESMTP):
         if (self.factory.auth_required or self.listener.requireAuthForMail) \
                 and self._auth_user is None:
             return R(530, "5.7.0", "Authentication required")
-        split = _split_path(arg, "FROM:")
-        if split is None:
-            return R(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-        path, ptext = split
-        params = _parse_params(ptext)
-        if params is None:
-            return R(501, "5.5.4", "Syntax error in MAIL parameters")
+        parsed = _path_and_params(arg, "MAIL", "FROM:")
+        if isinstance(parsed, SmtpReply):
+            return parsed
+        path, params = parsed
         problem = self._check_mail_params(params)
         if problem is not None:
             return problem
@@ -656,13 +666,10 @@ class SMTPServerProtocol(smtp.ESMTP):
             return BAD_SEQUENCE
         if len(tx.recipients) >= self.factory.max_recipients:
             return R(452, "4.5.3", "Too many recipients")
-        split = _split_path(arg, "TO:")
-        if split is None:
-            return R(501, "5.5.4", "Syntax: RCPT TO:<address>")
-        path, ptext = split
-        params = _parse_params(ptext)
-        if params is None:
-            return R(501, "5.5.4", "Syntax error in RCPT parameters")
+        parsed = _path_and_params(arg, "RCPT", "TO:")
+        if isinstance(parsed, SmtpReply):
+            return parsed
+        path, params = parsed
         notify: tuple[str, ...] = ()
         orcpt: str | None = None
         for key, value in params.items():
