@@ -397,7 +397,10 @@ class FileSpool:
         finally:
             os.close(held.fd)
 
-    def complete(self, claim: Claim) -> defer.Deferred[None]:
+    def _end_claim(self, claim: Claim, work: Callable[[_Held], None],
+                   next_due: float | None) -> defer.Deferred[None]:
+        """Run ``work`` (which closes the lease) in a thread; then forget the lease and either
+        drop the entry from the due index (``next_due`` None) or re-index it."""
         try:
             held = self._check(claim)
         except LookupError as exc:
@@ -406,10 +409,16 @@ class FileSpool:
 
         def done(result: object) -> object:
             self._held.pop(qid, None)
-            self._index.pop(qid, None)
+            if next_due is None:
+                self._index.pop(qid, None)
+            else:
+                self._index[qid] = next_due
             return result
 
-        return self.run_in_thread(self._complete_sync, claim, held).addBoth(done)
+        return self.run_in_thread(work, held).addBoth(done)
+
+    def complete(self, claim: Claim) -> defer.Deferred[None]:
+        return self._end_claim(claim, lambda held: self._complete_sync(claim, held), None)
 
     def _update_sync(self, entry: QueueEntry) -> None:
         tmp = self._write_json_sync(entry)
@@ -423,18 +432,8 @@ class FileSpool:
             os.close(held.fd)
 
     def reschedule(self, claim: Claim, entry: QueueEntry) -> defer.Deferred[None]:
-        try:
-            held = self._check(claim)
-        except LookupError as exc:
-            return defer.fail(exc)
-        qid = claim.entry.queue_id
-
-        def done(result: object) -> object:
-            self._held.pop(qid, None)
-            self._index[qid] = entry.next_attempt
-            return result
-
-        return self.run_in_thread(self._reschedule_sync, entry, held).addBoth(done)
+        return self._end_claim(claim, lambda held: self._reschedule_sync(entry, held),
+                               entry.next_attempt)
 
     def release(self, claim: Claim) -> defer.Deferred[None]:
         held = self._held.get(claim.entry.queue_id)
