@@ -45,10 +45,12 @@ def test_metrics_follow_real_traffic(make_server: Any) -> None:
         s.sendmail("carol@localhost", ["alice@localhost"], b"Subject: three\r\n\r\nz\r\n")
     srv.wait_messages("alice", 3)
     wait_until(lambda: srv.spool_entries() == [], message="spool drained")
+    # The entry's files vanish before the scheduler counts the completion (the delete runs in a
+    # thread), so wait for the counters themselves rather than for the empty spool alone.
     after = wait_until(lambda: (m := scrape(mport)) and
-                       m.get("smtp_sessions_ended_total", 0) -
-                       before.get("smtp_sessions_ended_total", 0) >= 3 and m,
-                       message="sessions ended counted")
+                       delta(m, before, "smtp_sessions_ended_total") >= 3 and
+                       delta(m, before, "smtp_spool_completed_total") >= 3 and m,
+                       message="sessions ended and completions counted")
     assert delta(after, before, "smtp_sessions_started_total") == 3
     assert delta(after, before, "smtp_messages_accepted_total") == 3
     assert delta(after, before, "smtp_messages_rejected_total") == 1
