@@ -103,6 +103,7 @@ class SpoolConfig:
     retryDelaySeconds: int = 60
     workerConcurrency: int = 1
     triggerCooldownMillis: int = 1000
+    ioThreads: int = 1
     redis: RedisSpoolConfig = field(default_factory=RedisSpoolConfig)
 
 
@@ -580,6 +581,8 @@ def validate(config: Config) -> list[str]:
         p.append(f"smtp.workers: must be between 0 (one per core) and 256, got {s.workers}")
     if s.limits.maxCommandLineLength < 512:
         p.append("smtp.limits.maxCommandLineLength: must be at least 512 (RFC 5321 §4.5.3.1.4)")
+    if not 1 <= s.spool.ioThreads <= 64:
+        p.append(f"smtp.spool.ioThreads: must be between 1 and 64, got {s.spool.ioThreads}")
     if s.spool.maxRetries < 0:
         p.append("smtp.spool.maxRetries: must be >= 0")
     _check_choice(s.ssl.minTlsVersion, ("TLSv1.2", "TLSv1.3"), "smtp.ssl.minTlsVersion", p)

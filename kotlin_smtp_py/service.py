@@ -14,13 +14,14 @@ import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import Config, spool_backend
+from kotlin_smtp_py.diskio import DiskIO
 from kotlin_smtp_py.envelope import Address
 from kotlin_smtp_py.inbound.auth import UserTableChecker
 from kotlin_smtp_py.inbound.factory import SessionEvents, SMTPFactory
@@ -238,11 +239,12 @@ class SmtpService(service.MultiService):
                                     or s.auth.rateLimitBackend == "redis"):
             self.redis = RedisClient.from_config(s.redis, clock=self.reactor)
         self.spool: Any
+        self.disk_io = DiskIO(self.reactor, threads=s.spool.ioThreads)
         if spool_backend(c) == "redis":
             assert self.redis is not None
             self.spool = RedisSpool.from_config(self.redis, c, clock=self.clock)
         else:
-            self.spool = FileSpool(s.spool.dir, clock=self.clock)
+            self.spool = FileSpool(s.spool.dir, clock=self.clock, disk_io=self.disk_io)
         self.auth_checker: Any = None
         if s.auth.enabled:
             self.auth_checker = load_plugin(s.plugins.authService, IAuthChecker, c) \
@@ -257,7 +259,7 @@ class SmtpService(service.MultiService):
         self.local_delivery: Any = load_plugin(s.plugins.localDelivery, IDelivery, c) \
             if s.plugins.localDelivery else \
             LocalDelivery(self.directory, lambda d: self.router.is_local_domain(d),
-                          resubmit=self._resubmit)
+                          resubmit=self._resubmit, run_in_thread=self.disk_io.submit)
         self._trusted_networks = CidrSet(s.relay.allowedClientCidrs)
         relay: RelayDelivery | None = None
         self.relay_policy: RelayAccessPolicy | None = None
@@ -312,7 +314,7 @@ class SmtpService(service.MultiService):
         owner = entry.envelope.archive_owner
         root = os.path.join(self.config.smtp.storage.mailboxDir, owner, "sent")
         name = maildir_name(entry.queue_id, "sent:" + owner, entry.envelope.received_at)
-        return threads.deferToThread(write_maildir, root, name, b"", message_path)
+        return self.disk_io.submit(write_maildir, root, name, b"", message_path)
 
     def _relay_allowed(self, session: SessionInfo, sender: Address | None,
                        recipient: Address) -> bool:
@@ -601,6 +603,7 @@ class SmtpService(service.MultiService):
         close = getattr(self.spool, "close", None)
         if close is not None:
             close()
+        self.disk_io.stop()  # sessions and deliveries are over: this only drains stragglers
         if self.redis is not None:
             yield self.redis.close()
         if self.supervisor is not None:

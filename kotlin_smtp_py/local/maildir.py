@@ -14,6 +14,8 @@ import os
 import re
 import socket
 
+from kotlin_smtp_py.diskio import sync_dir
+
 COPY_CHUNK = 1 << 20
 _SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
 
@@ -43,7 +45,8 @@ def _already_delivered(root: str, name: str) -> bool:
 def write_maildir(root: str, name: str, prefix: bytes, message_path: str) -> bool:
     """Deliver ``prefix`` + the message file into Maildir ``root``; False if already there.
 
-    Blocking (fsync): call from a thread.
+    Blocking (fsync): call from a thread (a ``DiskIO`` job, which fsyncs ``new/`` for the
+    whole batch before reporting success).
     """
     ensure_maildir(root)
     if _already_delivered(root, name):
@@ -73,9 +76,5 @@ def write_maildir(root: str, name: str, prefix: bytes, message_path: str) -> boo
         os.unlink(tmp)
         return False
     os.unlink(tmp)
-    dfd = os.open(os.path.join(root, "new"), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    sync_dir(os.path.join(root, "new"))
     return True

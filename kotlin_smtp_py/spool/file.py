@@ -11,7 +11,8 @@ Invariants:
 - An entry exists exactly when ``queue/<id>.json`` exists. Commit writes and fsyncs both files in
   ``tmp/``, renames the message, then the envelope, then fsyncs ``queue/``; only then does the
   Deferred fire (and the client get its 250). Directory fsyncs are shared by concurrent commits
-  (group commit) and all fsyncs run in the reactor's thread pool, never on the reactor thread.
+  (group commit: one per I/O batch, see ``diskio``) and every fsync runs on a disk I/O thread,
+  never on the reactor thread.
 - Every state change of an entry is an atomic rename of a fully written, fsync'd file.
 - A process may act on an entry only while it holds the entry's flock; several processes can
   share one spool directory. The in-memory due index is refreshed by a periodic scan so entries
@@ -25,17 +26,17 @@ import fcntl
 import heapq
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from kotlin_smtp_py.diskio import DiskIO, sync_dir
 from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
@@ -44,45 +45,6 @@ log = Logger()
 
 ORPHAN_AGE_SECONDS = 3600.0  # untouched tmp/orphan files older than this belong to dead writers
 WRITE_BUFFER = 256 * 1024
-
-
-def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _GroupDirSync:
-    """Coalesces directory fsyncs: callers that arrive while one runs share the next one."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._done = 0
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while self._done < mine:
-                if not self._running:
-                    self._running = True
-                    target = self._requested
-                    break
-                self._cond.wait()
-            else:
-                return
-        try:
-            _fsync_path(self.path)
-        finally:
-            with self._cond:
-                self._running = False
-                self._done = max(self._done, target)
-                self._cond.notify_all()
 
 
 @implementer(ISpoolWriter)
@@ -148,7 +110,8 @@ class FileSpool:
     """The default spool backend: a directory on local disk."""
 
     def __init__(self, directory: str, clock: Any = None, scan_interval: float = 15.0,
-                 on_corrupt: Callable[[str], None] | None = None) -> None:
+                 on_corrupt: Callable[[str], None] | None = None,
+                 disk_io: DiskIO | None = None) -> None:
         from twisted.internet import reactor
 
         self.directory = os.path.abspath(directory)
@@ -169,7 +132,9 @@ class FileSpool:
         self._held: dict[str, _Held] = {}
         self._last_scan = float("-inf")
         self._scanning: defer.Deferred[None] | None = None
-        self._queue_sync = _GroupDirSync(self.queue_dir)
+        if disk_io is None:
+            disk_io = DiskIO(reactor, threads=1 if IReactorThreads.providedBy(reactor) else 0)
+        self.disk_io = disk_io
         self.max_message_bytes: int | None = None
         self.corrupt_count = 0
         self._merge_scan(self.scan_sync({}, initial=True))
@@ -181,10 +146,7 @@ class FileSpool:
         return float(self.clock.seconds())
 
     def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        if IReactorThreads.providedBy(self._reactor):
-            return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn,
-                                             *args)
-        return defer.maybeDeferred(fn, *args)
+        return self.disk_io.submit(fn, *args)
 
     def _paths(self, queue_id: str) -> tuple[str, str, str]:
         return (os.path.join(self.queue_dir, queue_id + ".eml"),
@@ -223,7 +185,7 @@ class FileSpool:
         eml, js, _ = self._paths(entry.queue_id)
         os.rename(path, eml)
         os.rename(json_tmp, js)
-        self._queue_sync.sync()
+        sync_dir(self.queue_dir)
 
     # -- ISpool: receiving ---------------------------------------------------------------------
 
@@ -423,7 +385,7 @@ class FileSpool:
     def _update_sync(self, entry: QueueEntry) -> None:
         tmp = self._write_json_sync(entry)
         os.rename(tmp, self._paths(entry.queue_id)[1])
-        self._queue_sync.sync()
+        sync_dir(self.queue_dir)
 
     def _reschedule_sync(self, entry: QueueEntry, held: _Held) -> None:
         try:
