@@ -90,7 +90,8 @@ class LocalDelivery:
                                   # One copy per mailbox per message, like Postfix's local(8)
                                   # duplicate elimination (alice, alice+tag, lists with alice).
                                   maildir_name(entry.queue_id, name, env.received_at),
-                                  prefix, message_path)
+                                  prefix, message_path,
+                                  check_existing=not entry.first_delivery)
             log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
                      queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
                      dup="" if fresh else " (already present)", event="delivered")

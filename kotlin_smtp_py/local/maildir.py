@@ -27,9 +27,15 @@ def maildir_name(queue_id: str, recipient: str, received_at: float) -> str:
     return f"{int(received_at)}.Q{queue_id}R{digest}.{host}"
 
 
+_known_maildirs: set[str] = set()
+
+
 def ensure_maildir(root: str) -> None:
+    if root in _known_maildirs and os.path.isdir(os.path.join(root, "tmp")):
+        return
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+    _known_maildirs.add(root)
 
 
 def _already_delivered(root: str, name: str) -> bool:
@@ -42,14 +48,19 @@ def _already_delivered(root: str, name: str) -> bool:
         return False
 
 
-def write_maildir(root: str, name: str, prefix: bytes, message_path: str) -> bool:
+def write_maildir(root: str, name: str, prefix: bytes, message_path: str,
+                  check_existing: bool = True) -> bool:
     """Deliver ``prefix`` + the message file into Maildir ``root``; False if already there.
+
+    ``check_existing`` False skips looking for an earlier copy in ``new/`` and ``cur/`` (a scan
+    of ``cur/``): for a first delivery attempt, where none can exist. A copy in ``new/`` is
+    still caught by ``link(2)``.
 
     Blocking (fsync): call from a thread (a ``DiskIO`` job, which fsyncs ``new/`` for the
     whole batch before reporting success).
     """
     ensure_maildir(root)
-    if _already_delivered(root, name):
+    if check_existing and _already_delivered(root, name):
         return False
     tmp = os.path.join(root, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -45,6 +45,7 @@ log = Logger()
 
 ORPHAN_AGE_SECONDS = 3600.0  # untouched tmp/orphan files older than this belong to dead writers
 WRITE_BUFFER = 256 * 1024
+COMMITTED_CACHE = 10_000
 
 
 @implementer(ISpoolWriter)
@@ -81,6 +82,7 @@ class FileSpoolWriter:
 
         def done(_: object) -> QueueEntry:
             self._spool.index_add(entry)
+            self._spool.remember_committed(entry)
             return entry
 
         def failed(f: Any) -> Any:
@@ -130,6 +132,7 @@ class FileSpool:
         self._index: dict[str, float] = {}
         self._recent: set[str] = set()
         self._held: dict[str, _Held] = {}
+        self._committed: dict[str, QueueEntry] = {}
         self._last_scan = float("-inf")
         self._scanning: defer.Deferred[None] | None = None
         if disk_io is None:
@@ -156,6 +159,13 @@ class FileSpool:
     def index_add(self, entry: QueueEntry) -> None:
         self._index[entry.queue_id] = entry.next_attempt
         self._recent.add(entry.queue_id)
+
+    def remember_committed(self, entry: QueueEntry) -> None:
+        """Keep a just-committed entry for its first claim (bounded: other processes sharing the
+        spool may claim it instead, and then it is never asked for here)."""
+        self._committed[entry.queue_id] = entry
+        if len(self._committed) > COMMITTED_CACHE:
+            del self._committed[next(iter(self._committed))]
 
     @staticmethod
     def discard_sync_quietly(path: str) -> None:
@@ -301,29 +311,48 @@ class FileSpool:
     # -- ISpool: leases ------------------------------------------------------------------------
 
     def _lock_sync(self, queue_id: str) -> int | None:
+        return self._lock_first_sync(queue_id)[0]
+
+    def _lock_first_sync(self, queue_id: str) -> tuple[int | None, bool]:
+        """(lock fd or None, whether this call created the lock file). Lock files live until the
+        entry completes, so creating one proves nobody ever held a lease on the entry before."""
         _, js, lock = self._paths(queue_id)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        created = True
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            created = False
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                return None
+                return None, False
             raise
         if not os.path.exists(js):  # completed by someone else between scan and lock
+            if created:
+                self.discard_sync_quietly(lock)
             os.close(fd)
-            return None
-        return fd
+            return None, False
+        return fd, created
 
-    def _claim_sync(self, queue_id: str) -> tuple[Claim, int] | bool:
-        """Thread: the claim and its lock fd, or False when the entry is gone, True if locked."""
-        fd = self._lock_sync(queue_id)
+    def _claim_sync(self, queue_id: str,
+                    committed: QueueEntry | None = None) -> tuple[Claim, int] | bool:
+        """Thread: the claim and its lock fd, or False when the entry is gone, True if locked.
+
+        ``committed`` is the entry as this process committed it: on a first lease nobody can
+        have changed the file since, so it stands in for reading and parsing it again."""
+        fd, first = self._lock_first_sync(queue_id)
         if fd is None:
             return os.path.exists(self._paths(queue_id)[1])
-        entry = self._read_entry_sync(queue_id)
+        entry = committed if first and committed is not None else \
+            self._read_entry_sync(queue_id)
         if entry is None:
             os.close(fd)
             return False
+        if first:
+            entry = entry.evolve(first_delivery=True)
         return Claim(entry, secrets.token_hex(8), self._paths(queue_id)[0]), fd
 
     def claim(self, queue_id: str) -> defer.Deferred[Claim | None]:
@@ -339,7 +368,8 @@ class FileSpool:
             self._held[queue_id] = _Held(claim.token, fd)
             return claim
 
-        return self.run_in_thread(self._claim_sync, queue_id).addCallback(done)
+        return self.run_in_thread(self._claim_sync, queue_id,
+                                  self._committed.pop(queue_id, None)).addCallback(done)
 
     def _check(self, claim: Claim) -> _Held:
         held = self._held.get(claim.entry.queue_id)

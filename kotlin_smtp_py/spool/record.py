@@ -27,6 +27,9 @@ class QueueEntry:
     created: float = field(default_factory=time.time)
     last_error: str | None = None
     delayed_notified: tuple[str, ...] = ()
+    # Set by a spool when it can prove no delivery of this entry was ever attempted (its first
+    # lease); deliveries may then skip duplicate checks. Never stored: False is the safe side.
+    first_delivery: bool = field(default=False, compare=False)
 
     def to_json_bytes(self) -> bytes:
         data: dict[str, Any] = {

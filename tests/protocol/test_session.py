@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import smtplib
 import ssl
@@ -595,13 +596,18 @@ def test_corrupt_spool_entry_is_moved_aside_and_counted(make_server: Any) -> Non
     with smtplib.SMTP("127.0.0.1", srv.port) as s:
         s.sendmail("a@remote.test", ["alice@localhost"], b"Subject: x\r\n\r\ny\r\n")
     (path,) = srv.spool_entries()
-    path.write_text("{ not json")
-    qid = path.stem
+    # A damaged entry as another process (or a disk fault) left it: this process never
+    # committed it, so it has no in-memory copy and must read the file.
+    from kotlin_smtp_py.envelope import new_queue_id
+
+    qid = new_queue_id()
+    path.with_name(f"{qid}.json").write_text("{ not json")
+    os.link(path.with_suffix(".eml"), path.with_name(f"{qid}.eml"))
     on_reactor(srv.service.spool.claim, qid)  # reading it finds the damage
     corrupt = srv.root / "spool" / "corrupt"
     wait_until(lambda: (corrupt / f"{qid}.json").exists() and (corrupt / f"{qid}.eml").exists(),
                message="entry moved to corrupt/")
-    assert srv.spool_entries() == []
+    assert srv.spool_entries() == [path]
     port = srv.service.management_port.getHost().port
     body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/actuator/health").read())
     assert body["components"]["spool"]["details"]["corrupt"] == 1
