@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -221,6 +221,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._bdat_refusal: SmtpReply | None = None
         self._idle_call: Any = None
         self._handshake_call: Any = None
+        self._abort_call: Any = None
         self._started = 0.0
         self.peer_ip = ""
         self.peer_port = 0
@@ -278,7 +279,7 @@ class SMTPServerProtocol(smtp.ESMTP):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closing = True
         self._mode = "closed"
-        for call in (self._idle_call, self._handshake_call):
+        for call in (self._idle_call, self._handshake_call, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
         self._abort_tx()
@@ -318,7 +319,8 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._closing = True
         self._mode = "closed"
         self.transport.loseConnection()
-        self.clock.callLater(ABORT_GRACE_SECONDS, self._abort_if_open)
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(ABORT_GRACE_SECONDS, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         if self.transport is not None and self.connected:
@@ -465,7 +467,27 @@ class SMTPServerProtocol(smtp.ESMTP):
         if self._out and self.transport is not None:
             data = b"".join(self._out)
             self._out = []
-            self.transport.write(data)
+            self._write_now(data)
+
+    def _write_now(self, data: bytes) -> None:
+        """On plain TCP (no TLS yet) with nothing queued, send(2) at once; the rest goes
+        through write().
+
+        Twisted's write() always queues and arms EPOLLOUT for the next reactor turn: two
+        epoll_ctl calls and a loop iteration per reply (measured: 16 epoll_ctl per message on a
+        connection-per-message load). Bytes the kernel does not take are handed to write() as
+        usual, so ordering, back-pressure and error handling stay Twisted's."""
+        t = self.transport
+        if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
+                and not t._writeDisconnected and not t._tempDataLen
+                and t.offset == len(t.dataBuffer)):
+            try:
+                sent = t.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or a dead socket that write() will report properly
+            data = data[sent:]
+        if data:
+            t.write(data)
 
     def _reply(self, reply: SmtpReply) -> None:
         if reply is DROP_REPLY:

@@ -626,3 +626,26 @@ def test_min_tls_version_is_enforced(make_server: Any, certs: Any) -> None:
         s._host = "localhost"
         s.starttls(context=new)
         assert s.sock.version() == "TLSv1.3"
+
+
+def test_replies_stay_in_order_when_the_client_reads_slowly(make_server: Any) -> None:
+    """Replies are sent straight to the socket when nothing is queued; when the kernel takes
+    only part (a client with a tiny receive window that is not reading), the rest must queue
+    behind it in order and arrive complete."""
+    import socket
+
+    srv = make_server()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", srv.port))
+    c = Client.__new__(Client)
+    c.sock, c.buf = sock, b""
+    assert c.reply()[0] == 220
+    rounds = 1500
+    c.send(b"EHLO c.test\r\n" + b"HELP\r\nNOOP\r\n" * rounds)  # ~300 KB of replies, unread
+    assert c.reply()[0] == 250
+    for i in range(rounds):
+        assert c.reply()[0] == 214, f"round {i}"
+        assert c.reply() == (250, ["2.0.0 Ok"]), f"round {i}"
+    assert c.cmd("QUIT")[0] == 221
