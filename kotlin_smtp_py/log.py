@@ -75,10 +75,16 @@ class Redactor:
 
     def __init__(self, words: Iterable[str] = DEFAULT_REDACT) -> None:
         self.words = tuple(w.lower() for w in words if w)
+        self._verdicts: dict[str, bool] = {}  # field names are few: decide each once
 
     def is_secret(self, name: str) -> bool:
-        lowered = name.lower()
-        return any(w in lowered for w in self.words)
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            lowered = name.lower()
+            verdict = any(w in lowered for w in self.words)
+            if len(self._verdicts) < 4096:  # bounded even if callers invent names
+                self._verdicts[name] = verdict
+        return verdict
 
     def value(self, name: str, value: Any) -> Any:
         if self.is_secret(name):
