@@ -60,10 +60,12 @@ def fill_our_spool(spool_dir: Path, n: int, body_bytes: int) -> None:
         w._done = True
 
 
-def drain_ours(root: Path, n: int, body_bytes: int, workers: int | None, limit: float) -> None:
+def drain_ours(root: Path, n: int, body_bytes: int, workers: int | None, limit: float,
+               concurrency: int = 8, per_destination: int | None = None) -> None:
     sink, port = start_sink(root)
     try:
-        server = OurServer(root / "ours", workers=workers, relay_to=port)
+        server = OurServer(root / "ours", workers=workers, relay_to=port,
+                           concurrency=concurrency, per_destination=per_destination)
         fill_our_spool(root / "ours" / "spool", n, body_bytes)
         print(f"[kotlin-smtp-py] {server.queued()} entries queued; loadavg {loadavg()}")
         started = time.monotonic()
@@ -131,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--limit-seconds", type=float, default=900.0)
     ap.add_argument("--skip-postfix", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=8,
+                    help="smtp.spool.workerConcurrency for our server (per process)")
+    ap.add_argument("--per-destination", type=int, default=None,
+                    help="smtp.relay.maxConnectionsPerDestination (default: the config's, 5)")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kotlin-smtp-drain-"))
     os.chmod(root, 0o755)
     try:
-        drain_ours(root, args.messages, args.body_bytes, args.workers, args.limit_seconds)
+        drain_ours(root, args.messages, args.body_bytes, args.workers, args.limit_seconds,
+                   args.concurrency, args.per_destination)
         why = postfix_missing()
         if not args.skip_postfix and why is None:
             drain_postfix(root, args.messages, args.body_bytes, args.limit_seconds)

@@ -184,7 +184,8 @@ class OurServer:
 
     def __init__(self, root: Path, workers: int | None = None, user: str = "bench",
                  relay_to: int | None = None, max_size: int = 64 * 1024 * 1024,
-                 level: str = "info") -> None:
+                 level: str = "info", concurrency: int = 8,
+                 per_destination: int | None = None) -> None:
         self.root = root
         self.port = free_port()
         self.user = user
@@ -199,7 +200,7 @@ class OurServer:
             "storage": {"mailboxDir": str(root / "mailboxes"), "tempDir": str(root / "temp"),
                         "listsDir": str(root / "lists")},
             "spool": {"type": "file", "dir": str(root / "spool"), "retryDelaySeconds": 5,
-                      "workerConcurrency": 8},
+                      "workerConcurrency": concurrency},
             "limits": {"maxMessageSizeBytes": max_size},
             "lifecycle": {"gracefulShutdownTimeoutMs": 3000},
         }
@@ -211,6 +212,8 @@ class OurServer:
                              "allowedClientCidrs": ["127.0.0.0/8"],
                              "defaultRoute": {"host": "127.0.0.1", "port": relay_to,
                                               "startTlsEnabled": False}}
+            if per_destination is not None:
+                smtp["relay"]["maxConnectionsPerDestination"] = per_destination
         conf = {"smtp": smtp,
                 "management": {"server": {"port": free_port(), "bindAddress": "127.0.0.1"}},
                 # stdout into a pipe we drain (like journald): a log *file* on a disk that

@@ -253,6 +253,13 @@ class OutboundPolicyConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionCacheConfig:
+    enabled: bool = True
+    idleSeconds: float = 2.0
+    maxUses: int = 100
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     enabled: bool = False
     requireAuthForRelay: bool = True
@@ -265,6 +272,7 @@ class RelayConfig:
     outboundPolicy: OutboundPolicyConfig = field(default_factory=OutboundPolicyConfig)
     rules: list[str] = field(default_factory=list)  # dotted paths of extra IRelayAccessPolicy rules
     maxConnectionsPerDestination: int = 5
+    connectionCache: ConnectionCacheConfig = field(default_factory=ConnectionCacheConfig)
 
 
 @dataclass(frozen=True)
@@ -581,6 +589,12 @@ def validate(config: Config) -> list[str]:
         p.append(f"smtp.workers: must be between 0 (one per core) and 256, got {s.workers}")
     if s.limits.maxCommandLineLength < 512:
         p.append("smtp.limits.maxCommandLineLength: must be at least 512 (RFC 5321 §4.5.3.1.4)")
+    cc = s.relay.connectionCache
+    if not 0 < cc.idleSeconds <= 300:
+        p.append(f"smtp.relay.connectionCache.idleSeconds: must be in (0, 300], "
+                 f"got {cc.idleSeconds}")
+    if cc.maxUses < 1:
+        p.append(f"smtp.relay.connectionCache.maxUses: must be at least 1, got {cc.maxUses}")
     if not 1 <= s.spool.ioThreads <= 64:
         p.append(f"smtp.spool.ioThreads: must be between 1 and 64, got {s.spool.ioThreads}")
     if s.spool.maxRetries < 0:

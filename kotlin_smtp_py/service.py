@@ -268,6 +268,7 @@ class SmtpService(service.MultiService):
             relay = RelayDelivery.from_config(c, self.reactor, clock=self.clock)
             self.tls_reporter = relay.tls_reporter(self._submit_report)
             self.relay_policy = RelayAccessPolicy.from_config(s.relay)
+        self.relay = relay
         self.router = DeliveryRouter(local_domains, self.local_delivery, relay,
                                      relay.route_key if relay is not None else None,
                                      routing_policy)
@@ -595,6 +596,8 @@ class SmtpService(service.MultiService):
                 log.warn("aborting {n} sessions after the grace period", n=len(f.sessions))
             f.abort_all()
         yield self.scheduler.stop(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self.relay is not None:
+            self.relay.close_idle()
         if self.tls_reporter is not None:
             self.tls_reporter.stop()
         release_all = getattr(self.spool, "release_all", None)

@@ -23,7 +23,7 @@ import base64
 import os
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -103,6 +103,7 @@ class ReplyReader(Protocol):
         self._waiter: defer.Deferred[Reply] | None = None
         self._timer: IDelayedCall | None = None
         self._error: SessionError | None = None
+        self.saw_421 = False  # the peer announced it is closing: never reuse this connection
         self.closed = defer.Deferred[None]()
 
     # -- transport side
@@ -135,6 +136,8 @@ class ReplyReader(Protocol):
             self._fail(SessionError("protocol", "reply too long"))
             return False
         if len(text) == 3 or text[3] == " ":
+            if text[:3] == "421":
+                self.saw_421 = True
             self._replies.append(Reply(int(text[:3]), tuple(self._partial)))
             self._partial = []
         return True
@@ -354,6 +357,7 @@ class SessionOutcome:
     tls_detail: str = ""
     connected: bool = False
     local_address: str = ""
+    reused: bool = False  # ran on a cached session (TLS was negotiated by an earlier one)
 
     def per_recipient(self, recipients: Sequence[Recipient]) -> list[tuple[Recipient,
                                                                          DeliveryStatus]]:
@@ -408,6 +412,7 @@ class ClientSession:
         self.tls_active = False
         self.phase = "greeting"
         self.decided: dict[Recipient, DeliveryStatus] = {}
+        self.transactions = 0  # completed on this connection (cached sessions carry several)
 
     # -- helpers
     def _fail(self, reason: Reason, text: str, enhanced: str, try_next: bool = True,
@@ -442,15 +447,45 @@ class ClientSession:
         return await self.reader.reply(timeout)
 
     # -- phases
-    async def run(self) -> SessionOutcome:
+    async def run(self, keep: Callable[[ClientSession], bool] | None = None) -> SessionOutcome:
+        """Greeting to end of transaction; then QUIT, or hand the open session to ``keep``
+        (a connection cache) when the transaction ended cleanly and ``keep`` takes it."""
+        return await self._guarded(self._open_and_transact, keep)
+
+    async def reuse(self, message: OutboundMessage,
+                    keep: Callable[[ClientSession], bool] | None = None
+                    ) -> SessionOutcome | None:
+        """Run another transaction on this (cached, idle) session. None when the connection
+        turned out to be unusable before the transaction began (closed by the peer, RSET
+        refused): the caller then simply opens a new one; nothing was sent for ``message``."""
+        self.message = message
+        self.decided = {}
+        self.phase = "rset"
         try:
-            greeting = await self.reader.reply()
-            if greeting.code != 220:
-                raise self._reply_failure(greeting, Reason.CONNECT, try_next=True)
-            await self._hello()
-            await self._starttls()
-            await self._auth()
-            results = await self._transaction()
+            if self.reader.failed() is not None or self.reader.has_buffered_input():
+                raise SessionError("lost", "idle connection unusable")
+            reply = await self.command("RSET", timeout=min(self.reader.read_timeout, 10.0))
+        except SessionError:
+            self._abort()
+            return None
+        if reply.code != 250:
+            await self._quit()
+            return None
+        return await self._guarded(self._transaction, keep)
+
+    async def _open_and_transact(self) -> list[tuple[Recipient, DeliveryStatus]]:
+        greeting = await self.reader.reply()
+        if greeting.code != 220:
+            raise self._reply_failure(greeting, Reason.CONNECT, try_next=True)
+        await self._hello()
+        await self._starttls()
+        await self._auth()
+        return await self._transaction()
+
+    async def _guarded(self, body: Callable[[], Any],
+                       keep: Callable[[ClientSession], bool] | None) -> SessionOutcome:
+        try:
+            results = await body()
         except _HostFailure as exc:
             await self._quit()
             return self._outcome(host_failure=exc.status, try_next=exc.try_next)
@@ -465,8 +500,18 @@ class ClientSession:
                     (r, self.decided[r] if r in self.decided and not self.decided[r].ok
                      else status) for r in self.message.recipients))
             return self._outcome(host_failure=status, try_next=True)
-        await self._quit()
-        return self._outcome(results=tuple(results))
+        self.transactions += 1
+        outcome = self._outcome(results=tuple(results))
+        if not (keep is not None and self.reusable() and keep(self)):
+            await self._quit()
+        return outcome
+
+    def reusable(self) -> bool:
+        """Idle, healthy, and the peer never said it is closing (421) on this session."""
+        transport = self.reader.transport
+        return (self.reader.failed() is None and not self.reader.has_buffered_input()
+                and transport is not None and getattr(transport, "connected", True)
+                and not self.reader.saw_421)
 
     def _session_error_status(self, exc: SessionError) -> DeliveryStatus:
         if self.phase == "tls":
@@ -748,11 +793,108 @@ async def connect(reactor: Any, target: Target, timeout: float,
     return reader
 
 
+class SessionCache:
+    """Idle outbound sessions kept open after a clean transaction, for the next message to the
+    same target under the same TLS policy, requirements and credentials (like Postfix's
+    connection cache): the next delivery costs RSET + MAIL/RCPT/DATA instead of a TCP (and TLS)
+    handshake, greeting, EHLO and QUIT. A session idles at most ``idle_seconds`` and carries at
+    most ``max_uses`` transactions; a dead one is noticed at RSET and replaced transparently.
+    """
+
+    def __init__(self, clock: IReactorTime, idle_seconds: float = 2.0, max_uses: int = 100,
+                 max_idle: int = 1000) -> None:
+        self.clock = clock
+        self.idle_seconds = idle_seconds
+        self.max_uses = max_uses
+        self.max_idle = max_idle
+        self._idle: dict[tuple[Any, ...], list[tuple[ClientSession, IDelayedCall]]] = {}
+        self._count = 0
+        self.reused = 0  # transactions that ran on a cached session (for tests and metrics)
+
+    @staticmethod
+    def key(target: Target, helo_name: str, tls: TlsPolicy, credentials: Credentials | None,
+            requirements: TlsRequirements | None) -> tuple[Any, ...]:
+        creds = (credentials.username, credentials.password) if credentials else None
+        return (target.name, target.address, target.port, helo_name, repr(tls), creds,
+                repr(requirements))
+
+    def take(self, key: tuple[Any, ...]) -> ClientSession | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        session, timer = idle.pop()
+        if not idle:
+            del self._idle[key]
+        self._count -= 1
+        if timer.active():
+            timer.cancel()
+        return session
+
+    def keeper(self, key: tuple[Any, ...]) -> Callable[[ClientSession], bool]:
+        def keep(session: ClientSession) -> bool:
+            if self.idle_seconds <= 0 or session.transactions >= self.max_uses \
+                    or self._count >= self.max_idle:
+                return False
+            timer = self.clock.callLater(self.idle_seconds, self._expire, key, session)
+            self._idle.setdefault(key, []).append((session, timer))
+            self._count += 1
+            return True
+
+        return keep
+
+    def _expire(self, key: tuple[Any, ...], session: ClientSession) -> None:
+        idle = self._idle.get(key, [])
+        for i, (s, _) in enumerate(idle):
+            if s is session:
+                del idle[i]
+                self._count -= 1
+                break
+        if not idle:
+            self._idle.pop(key, None)
+        self._close(session)
+
+    @staticmethod
+    def _close(session: ClientSession) -> None:
+        try:
+            session.reader.send("QUIT")
+            transport = session.reader.transport
+            if transport is not None:
+                transport.loseConnection()
+        except SessionError:
+            session._abort()
+
+    def close_all(self) -> None:
+        """Shutdown: QUIT every idle session."""
+        idle, self._idle, self._count = self._idle, {}, 0
+        for sessions in idle.values():
+            for session, timer in sessions:
+                if timer.active():
+                    timer.cancel()
+                self._close(session)
+
+
 async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: TlsPolicy,
                           message: OutboundMessage,
                           credentials: Credentials | None = None,
-                          requirements: TlsRequirements | None = None) -> SessionOutcome:
-    """Connect to ``target`` and run one transaction. Never raises."""
+                          requirements: TlsRequirements | None = None,
+                          cache: SessionCache | None = None) -> SessionOutcome:
+    """Run one transaction with ``target`` (on a cached session when ``cache`` has one).
+    Never raises."""
+    keep: Callable[[ClientSession], bool] | None = None
+    if cache is not None:
+        key = SessionCache.key(target, helo_name, tls, credentials, requirements)
+        keep = cache.keeper(key)
+        while (cached := cache.take(key)) is not None:
+            try:
+                reused = await cached.reuse(message, keep)
+            except Exception as exc:  # a bug must not lose the message: defer it
+                log.failure("outbound session to {remote} crashed", remote=target.name)
+                cached._abort()
+                return SessionOutcome(host_failure=DeliveryStatus.transient(
+                    Reason.OTHER, f"internal error: {exc!r}"[:300], "4.3.0", 451, target.name))
+            if reused is not None:
+                cache.reused += 1
+                return replace(reused, reused=True)
     try:
         reader = await connect(reactor, target, tls.connect_timeout, tls.read_timeout)
     except Exception as exc:
@@ -770,7 +912,7 @@ async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: Tls
     session = ClientSession(reader, target, helo_name, tls, message, credentials, reactor,
                             requirements)
     try:
-        outcome = await session.run()
+        outcome = await session.run(keep)
     except Exception as exc:  # a bug must not lose the message: defer it
         log.failure("outbound session to {remote} crashed", remote=target.name)
         session._abort()

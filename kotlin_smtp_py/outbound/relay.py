@@ -27,7 +27,12 @@ from zope.interface import implementer
 from kotlin_smtp_py.config import Config, SmtpConfig
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import IDelivery
-from kotlin_smtp_py.outbound.client import OutboundMessage, Target, deliver_session
+from kotlin_smtp_py.outbound.client import (
+    OutboundMessage,
+    SessionCache,
+    Target,
+    deliver_session,
+)
 from kotlin_smtp_py.outbound.mx import MxResolver, MxResult, make_resolver
 from kotlin_smtp_py.outbound.requiretls import tls_required_no
 from kotlin_smtp_py.outbound.router import NextHop, OutboundRouter, recipient_domain
@@ -59,6 +64,9 @@ class RelayDelivery:
         self.mx = MxResolver(resolver, reactor, smtp.dns.timeoutMs / 1000.0, shuffle)
         self._limit = max(1, smtp.relay.maxConnectionsPerDestination)
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+        cc = smtp.relay.connectionCache
+        self.sessions: SessionCache | None = \
+            SessionCache(reactor, cc.idleSeconds, cc.maxUses) if cc.enabled else None
         self.policies = OutboundTlsPolicies.from_config(
             smtp, reactor, clock if clock is not None else reactor, self.mx)
 
@@ -78,6 +86,11 @@ class RelayDelivery:
                               clock if clock is not None else recorder.clock,
                               self._smtp.hostname, rpt.reportingOrg, rpt.contactInfo,
                               rpt.fromAddress, reactor=self._reactor)
+
+    def close_idle(self) -> None:
+        """Shutdown: QUIT the cached idle sessions."""
+        if self.sessions is not None:
+            self.sessions.close_all()
 
     def route_key(self, domain: str) -> str:
         """Grouping key for the scheduler: equal keys → same next hop → one transaction."""
@@ -143,8 +156,9 @@ class RelayDelivery:
         for item in planned[:MAX_TARGETS]:
             outcome = await deliver_session(self._reactor, item.target, self._smtp.hostname,
                                             item.tls, message, hop.credentials,
-                                            item.requirements)
-            self.policies.observe(item, outcome)
+                                            item.requirements, self.sessions)
+            if not outcome.reused:  # TLS-RPT counts sessions, not transactions on one
+                self.policies.observe(item, outcome)
             results = outcome.per_recipient(recipients)
             if outcome.host_failure is None or not outcome.try_next:
                 break

@@ -156,6 +156,9 @@ def make_server_factory(tmp_path: Path, certs: CertSet, dns_port: int, sink_port
                     "outboundTls": {"ports": [sink_port], "startTlsEnabled": True,
                                     "caFile": str(certs.ca_cert), "connectTimeoutMs": 3000,
                                     "readTimeoutMs": 3000},
+                    # These tests count TCP sessions per attempt; the connection cache has its
+                    # own tests (tests/outbound/test_outbound_session_cache.py).
+                    "connectionCache": {"enabled": False},
                 },
                 "lifecycle": {"gracefulShutdownTimeoutMs": 1000},
             },

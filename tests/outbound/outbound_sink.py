@@ -177,9 +177,12 @@ class SinkFactory(protocol.Factory):
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
         self.sessions: list[Session] = []
+        self.protocols: list[SinkProtocol] = []  # tests may drop connections themselves
 
     def buildProtocol(self, addr: Any) -> SinkProtocol:
-        return SinkProtocol(self)
+        proto = SinkProtocol(self)
+        self.protocols.append(proto)
+        return proto
 
     @property
     def transactions(self) -> list[Transaction]:

@@ -14,7 +14,13 @@ from helpers import CertSet, free_port, on_reactor, start_reactor
 from outbound_sink import Behaviour, SinkFactory, server_tls
 from twisted.internet import defer
 
-from kotlin_smtp_py.config import DnsConfig, OutboundTlsConfig, RelayConfig, SmtpConfig
+from kotlin_smtp_py.config import (
+    ConnectionCacheConfig,
+    DnsConfig,
+    OutboundTlsConfig,
+    RelayConfig,
+    SmtpConfig,
+)
 from kotlin_smtp_py.envelope import Envelope, Recipient
 from kotlin_smtp_py.spool.record import QueueEntry
 
@@ -148,8 +154,11 @@ def make_config(dns_server: DnsPorts, sinks: Sinks, certs: CertSet) -> Callable[
         tls_args: dict[str, Any] = {"ports": [sinks.port], "caFile": str(certs.ca_cert),
                                     "connectTimeoutMs": 2000, "readTimeoutMs": 2000}
         tls_args.update(tls or {})
+        # Sessions end with QUIT here (tests read the sink's transcript); caching is tested
+        # on its own with ``relay={"connectionCache": ...}``.
         relay_args: dict[str, Any] = {"enabled": True,
-                                      "outboundTls": OutboundTlsConfig(**tls_args)}
+                                      "outboundTls": OutboundTlsConfig(**tls_args),
+                                      "connectionCache": ConnectionCacheConfig(enabled=False)}
         relay_args.update(relay or {})
         return SmtpConfig(
             hostname="client.test",
