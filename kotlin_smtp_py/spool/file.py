@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import heapq
 import os
 import secrets
 import time
@@ -39,6 +38,7 @@ from zope.interface import implementer
 from kotlin_smtp_py.diskio import DiskIO, sync_dir
 from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
+from kotlin_smtp_py.spool.dueindex import DueIndex
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
 
 log = Logger()
@@ -129,7 +129,7 @@ class FileSpool:
         self.clock: Any = clock if clock is not None else reactor
         self.scan_interval = scan_interval
         self._on_corrupt = on_corrupt
-        self._index: dict[str, float] = {}
+        self._index = DueIndex()
         self._recent: set[str] = set()
         self._held: dict[str, _Held] = {}
         self._committed: dict[str, QueueEntry] = {}
@@ -157,7 +157,7 @@ class FileSpool:
                 os.path.join(self.lock_dir, queue_id + ".lock"))
 
     def index_add(self, entry: QueueEntry) -> None:
-        self._index[entry.queue_id] = entry.next_attempt
+        self._index.set(entry.queue_id, entry.next_attempt)
         self._recent.add(entry.queue_id)
 
     def remember_committed(self, entry: QueueEntry) -> None:
@@ -214,7 +214,7 @@ class FileSpool:
         if now - self._last_scan >= self.scan_interval and self._scanning is None:
             self._last_scan = now
             self._recent = set()
-            d = self._scanning = self.run_in_thread(self.scan_sync, dict(self._index))
+            d = self._scanning = self.run_in_thread(self.scan_sync, self._index.snapshot())
             d.addCallback(self._merge_scan)
 
             def clear(result: object) -> object:
@@ -226,19 +226,21 @@ class FileSpool:
             d = defer.succeed(None)
 
         def pick(_: object) -> list[str]:
-            ready = ((t, qid) for qid, t in self._index.items()
-                     if t <= now and qid not in self._held)
-            return [qid for _, qid in heapq.nsmallest(limit, ready)]
+            return self._index.due(now, limit, self._held)
 
         return d.addCallback(pick)
 
     def _merge_scan(self, scanned: dict[str, float]) -> None:
         """Reactor thread: adopt a scan, keeping what this process changed while it ran."""
-        merged = {qid: self._index.get(qid, t) for qid, t in scanned.items()}
+        merged: dict[str, float] = {}
+        for qid, t in scanned.items():
+            known = self._index.get(qid)
+            merged[qid] = t if known is None else known
         for qid in self._recent:
-            if qid in self._index:
-                merged[qid] = self._index[qid]
-        self._index = merged
+            due = self._index.get(qid)
+            if due is not None:
+                merged[qid] = due
+        self._index = DueIndex(merged)
 
     def scan_sync(self, known: dict[str, float], initial: bool = False) -> dict[str, float]:
         """Thread: list queue/ (picks up entries other processes wrote); returns id -> due."""
@@ -304,7 +306,7 @@ class FileSpool:
 
     def _forget_corrupt(self, queue_id: str) -> None:
         self.corrupt_count += 1
-        self._index.pop(queue_id, None)
+        self._index.discard(queue_id)
         if self._on_corrupt is not None:
             self._on_corrupt(queue_id)
 
@@ -362,7 +364,7 @@ class FileSpool:
         def done(result: tuple[Claim, int] | bool) -> Claim | None:
             if isinstance(result, bool):
                 if not result:
-                    self._index.pop(queue_id, None)
+                    self._index.discard(queue_id)
                 return None
             claim, fd = result
             self._held[queue_id] = _Held(claim.token, fd)
@@ -402,9 +404,9 @@ class FileSpool:
         def done(result: object) -> object:
             self._held.pop(qid, None)
             if next_due is None:
-                self._index.pop(qid, None)
+                self._index.discard(qid)
             else:
-                self._index[qid] = next_due
+                self._index.set(qid, next_due)
             return result
 
         return self.run_in_thread(work, held).addBoth(done)
@@ -493,7 +495,7 @@ class FileSpool:
 
         def done(ok: bool) -> bool:
             if ok:
-                self._index.pop(queue_id, None)
+                self._index.discard(queue_id)
             return ok
 
         return self.run_in_thread(self._delete_sync, queue_id).addCallback(done)
@@ -526,7 +528,7 @@ class FileSpool:
 
         def done(changed: list[str]) -> int:
             for qid in changed:
-                self._index[qid] = now
+                self._index.set(qid, now)
             return len(changed)
 
         return self.run_in_thread(lambda: self._retry_sync(ids(), now)).addCallback(done)

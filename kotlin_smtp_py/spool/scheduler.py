@@ -174,17 +174,31 @@ class Scheduler:
             return
         now = float(self.clock.seconds())
         ids: list[str] = await self.spool.due(now, free * 2)
-        for qid in ids:
-            if len(self._in_flight) >= self.concurrency or self._stopping:
+        candidates = [qid for qid in ids if qid not in self._in_flight]
+        # Claims go out together (one disk or Redis round trip for the lot, not one each); an
+        # id another process holds just yields None and the next candidates fill its place.
+        while candidates and not self._stopping:
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
                 break
-            if qid in self._in_flight:
-                continue
-            claim = await self.spool.claim(qid)
-            if claim is None:
-                continue
-            d = defer.Deferred.fromCoroutine(self._process(claim))
-            self._in_flight[qid] = d
-            d.addBoth(self._done, qid)
+            batch, candidates = candidates[:free], candidates[free:]
+            outcomes = await defer.DeferredList([self.spool.claim(qid) for qid in batch],
+                                                consumeErrors=True)
+            failure: Failure | None = None
+            for qid, (ok, claim) in zip(batch, outcomes, strict=True):
+                if not ok:
+                    failure = failure or claim
+                    continue
+                if claim is None:
+                    continue
+                if self._stopping:
+                    await self.spool.release(claim)
+                    continue
+                d = defer.Deferred.fromCoroutine(self._process(claim))
+                self._in_flight[qid] = d
+                d.addBoth(self._done, qid)
+            if failure is not None:  # the leases won above are being delivered; report the rest
+                failure.raiseException()
 
     def _done(self, result: object, qid: str) -> None:
         self._in_flight.pop(qid, None)
