@@ -244,7 +244,9 @@ class SmtpService(service.MultiService):
             assert self.redis is not None
             self.spool = RedisSpool.from_config(self.redis, c, clock=self.clock)
         else:
-            self.spool = FileSpool(s.spool.dir, clock=self.clock, disk_io=self.disk_io)
+            self.spool = FileSpool(s.spool.dir, clock=self.clock, disk_io=self.disk_io,
+                                   share=self.cluster.index if self.cluster else 0,
+                                   shares=self.cluster.count if self.cluster else 1)
         self.auth_checker: Any = None
         if s.auth.enabled:
             self.auth_checker = load_plugin(s.plugins.authService, IAuthChecker, c) \

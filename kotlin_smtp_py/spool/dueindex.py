@@ -1,41 +1,67 @@
 """The file spool's in-memory due index: queue id -> next attempt time, earliest first.
 
-A dict is the truth; a heap with lazy deletion answers "which entries are due" in
-O(k log n) instead of scanning every entry. The scheduler asks after each finished delivery,
-so with a backlog of 10,000 entries a full scan per question cost more CPU than the deliveries
-themselves (measured on the spool-drain benchmark). Stale heap items (an entry rescheduled or
-gone) are skipped when met and the heap is rebuilt when they outnumber live ones.
+A dict is the truth; heaps with lazy deletion answer "which entries are due" in O(k log n)
+instead of scanning every entry. The scheduler asks after each finished delivery, so with a
+backlog of 10,000 entries a full scan per question cost more CPU than the deliveries themselves
+(measured on the spool-drain benchmark). Stale heap items (an entry rescheduled or gone) are
+skipped when met, and the heaps are rebuilt when stale items outnumber live ones.
+
+Several processes share one spool directory (``smtp.workers``), and each indexes every entry.
+If all of them offered the same earliest entries, most claims would collide on the lease. So
+entries are split into *mine* (committed by this process, or whose id hashes to this process's
+share) and *theirs*: ``due`` offers mine first and takes theirs only to fill the rest, so
+nothing waits on a process that is busy or gone.
 """
 
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections.abc import Container, Iterator, Mapping
+
+_Heap = list[tuple[float, str]]
 
 
 class DueIndex:
-    def __init__(self, initial: Mapping[str, float] | None = None) -> None:
+    def __init__(self, initial: Mapping[str, float] | None = None, share: int = 0,
+                 shares: int = 1, own: Container[str] = ()) -> None:
+        self.share = share
+        self.shares = max(1, shares)
         self._due: dict[str, float] = dict(initial or {})
-        self._heap: list[tuple[float, str]] = []
+        self._own: set[str] = {q for q in self._due if q in own}
+        self._mine: _Heap = []
+        self._theirs: _Heap = []
         self._rebuild()
 
-    def _rebuild(self) -> None:
-        self._heap = [(t, qid) for qid, t in self._due.items()]
-        heapq.heapify(self._heap)
+    def _is_mine(self, queue_id: str) -> bool:
+        return self.shares == 1 or queue_id in self._own or \
+            zlib.crc32(queue_id.encode("ascii", "replace")) % self.shares == self.share
 
-    def set(self, queue_id: str, due: float) -> None:
+    def _rebuild(self) -> None:
+        self._mine, self._theirs = [], []
+        for qid, t in self._due.items():
+            (self._mine if self._is_mine(qid) else self._theirs).append((t, qid))
+        heapq.heapify(self._mine)
+        heapq.heapify(self._theirs)
+
+    def set(self, queue_id: str, due: float, own: bool = False) -> None:
+        """Index (or move) an entry; ``own`` marks one this process committed."""
+        if own:
+            self._own.add(queue_id)
         if self._due.get(queue_id) == due:
             return
         self._due[queue_id] = due
-        heapq.heappush(self._heap, (due, queue_id))
-        if len(self._heap) > 2 * len(self._due) + 1024:
+        heap = self._mine if self._is_mine(queue_id) else self._theirs
+        heapq.heappush(heap, (due, queue_id))
+        if len(self._mine) + len(self._theirs) > 2 * len(self._due) + 1024:
             self._rebuild()
 
     def discard(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)
+        self._own.discard(queue_id)
 
-    def get(self, queue_id: str, default: float | None = None) -> float | None:
-        return self._due.get(queue_id, default)
+    def get(self, queue_id: str) -> float | None:
+        return self._due.get(queue_id)
 
     def __contains__(self, queue_id: object) -> bool:
         return queue_id in self._due
@@ -49,22 +75,26 @@ class DueIndex:
     def snapshot(self) -> dict[str, float]:
         return dict(self._due)
 
+    def own(self) -> frozenset[str]:
+        return frozenset(self._own)
+
     def due(self, now: float, limit: int, skip: Container[str] = ()) -> list[str]:
-        """Up to ``limit`` ids due at ``now``, earliest first, leaving out ``skip`` (leased)."""
-        picked: list[tuple[float, str]] = []
-        kept: list[tuple[float, str]] = []
+        """Up to ``limit`` ids due at ``now`` (mine first, each group earliest first), leaving
+        out ``skip`` (entries this process holds)."""
+        picked: list[str] = []
         seen: set[str] = set()
-        heap = self._heap
-        while heap and len(picked) < limit and heap[0][0] <= now:
-            item = heapq.heappop(heap)
-            t, qid = item
-            if self._due.get(qid) != t or qid in seen:
-                continue  # stale (rescheduled or gone since it was pushed) or a duplicate
-            seen.add(qid)
-            (kept if qid in skip else picked).append(item)
-        # Nothing is consumed here: a pick is only a suggestion until the entry is claimed.
-        for item in picked:
-            heapq.heappush(heap, item)
-        for item in kept:
-            heapq.heappush(heap, item)
-        return [qid for _, qid in picked]
+        for heap in (self._mine, self._theirs):
+            back: _Heap = []
+            while heap and len(picked) < limit and heap[0][0] <= now:
+                item = heapq.heappop(heap)
+                t, qid = item
+                if self._due.get(qid) != t or qid in seen:
+                    continue  # stale (rescheduled or gone since it was pushed) or a duplicate
+                seen.add(qid)
+                back.append(item)
+                if qid not in skip:
+                    picked.append(qid)
+            # Nothing is consumed here: a pick is only a suggestion until the entry is claimed.
+            for item in back:
+                heapq.heappush(heap, item)
+        return picked

@@ -113,7 +113,9 @@ class FileSpool:
 
     def __init__(self, directory: str, clock: Any = None, scan_interval: float = 15.0,
                  on_corrupt: Callable[[str], None] | None = None,
-                 disk_io: DiskIO | None = None) -> None:
+                 disk_io: DiskIO | None = None, share: int = 0, shares: int = 1) -> None:
+        """``share`` of ``shares``: this process's place among processes sharing the
+        directory (``smtp.workers``); it decides which due entries it offers first."""
         from twisted.internet import reactor
 
         self.directory = os.path.abspath(directory)
@@ -129,7 +131,8 @@ class FileSpool:
         self.clock: Any = clock if clock is not None else reactor
         self.scan_interval = scan_interval
         self._on_corrupt = on_corrupt
-        self._index = DueIndex()
+        self.share, self.shares = share, shares
+        self._index = DueIndex(share=share, shares=shares)
         self._recent: set[str] = set()
         self._held: dict[str, _Held] = {}
         self._committed: dict[str, QueueEntry] = {}
@@ -157,7 +160,7 @@ class FileSpool:
                 os.path.join(self.lock_dir, queue_id + ".lock"))
 
     def index_add(self, entry: QueueEntry) -> None:
-        self._index.set(entry.queue_id, entry.next_attempt)
+        self._index.set(entry.queue_id, entry.next_attempt, own=True)
         self._recent.add(entry.queue_id)
 
     def remember_committed(self, entry: QueueEntry) -> None:
@@ -240,7 +243,7 @@ class FileSpool:
             due = self._index.get(qid)
             if due is not None:
                 merged[qid] = due
-        self._index = DueIndex(merged)
+        self._index = DueIndex(merged, self.share, self.shares, own=self._index.own())
 
     def scan_sync(self, known: dict[str, float], initial: bool = False) -> dict[str, float]:
         """Thread: list queue/ (picks up entries other processes wrote); returns id -> due."""

@@ -45,5 +45,19 @@ def test_stale_items_do_not_pile_up() -> None:
     index = DueIndex()
     for i in range(20000):
         index.set("Q1", float(i))  # rescheduled over and over
-    assert len(index._heap) <= 2 * len(index) + 1024
+    assert len(index._mine) + len(index._theirs) <= 2 * len(index) + 1024
     assert index.due(1e9, 10) == ["Q1"]
+
+
+def test_shared_spools_offer_their_own_share_first_then_the_rest() -> None:
+    ids = [f"Q{i:03d}" for i in range(40)]
+    a = DueIndex({q: float(i) for i, q in enumerate(ids)}, share=0, shares=2)
+    b = DueIndex({q: float(i) for i, q in enumerate(ids)}, share=1, shares=2)
+    first_a, first_b = a.due(100.0, 10), b.due(100.0, 10)
+    assert not set(first_a) & set(first_b)  # two processes start on disjoint entries
+    # Everything is still reachable from either side (a dead peer's share is not stranded).
+    assert set(a.due(100.0, 40)) == set(ids) == set(b.due(100.0, 40))
+    # An entry this process committed is its own whatever its hash says.
+    theirs = first_b[-1]  # in b's share, so a offers it only after its own
+    a.set(theirs, -1.0, own=True)
+    assert a.due(100.0, 1) == [theirs]
