@@ -75,8 +75,6 @@ def bench_spool(writers: int, seconds: float, root: str) -> tuple[float, int]:
     env = Envelope(sender="a@bench.test", recipients=(Recipient("b@bench.test"),))
     result: dict[str, Any] = {"n": 0}
     r: Any = reactor
-    pool = r.getThreadPool()
-    pool.adjustPoolsize(max(10, writers + 2), max(10, writers + 2))
 
     @defer.inlineCallbacks
     def writer(deadline: float) -> Any:
@@ -102,6 +100,7 @@ def bench_spool(writers: int, seconds: float, root: str) -> tuple[float, int]:
     d.addBoth(finish)
     while not done["stop"]:
         r.iterate(0.01)
+    spool.disk_io.stop()
     shutil.rmtree(spool_dir, ignore_errors=True)
     return result["n"] / result["elapsed"], result["n"]
 

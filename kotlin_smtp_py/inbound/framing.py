@@ -89,6 +89,19 @@ class DataDecoder:
             self._in_overlong = True
             self._at_crlf_line_start = False
 
+    def _has_long_line(self, block: bytes) -> bool:
+        """Whether a line in ``block`` exceeds the limit. A line of at least ``2w`` bytes
+        contains a whole aligned window of ``w`` bytes with no LF, so a scan of windows (a few
+        hundred ``find`` calls per MB) clears ordinary mail; only a window without an LF sends
+        the block to the exact, slower, regex (measured: the regex alone was 40 % of the CPU
+        of 1 MB messages)."""
+        w = (self._max_line + 2) // 2
+        find = block.find
+        for start in range(0, len(block) - w + 1, w):
+            if find(b"\n", start, start + w) < 0:
+                return self._long_line.search(block) is not None
+        return False
+
     def _content(self, block: bytes) -> None:
         if not block:
             return
@@ -99,7 +112,7 @@ class DataDecoder:
         crlf = block.count(b"\r\n")
         if crlf != block.count(b"\n") or crlf != block.count(b"\r"):
             self._fail(BARE_EOL)
-        if len(block) > self._max_line + 2 and self._long_line.search(block):
+        if len(block) > self._max_line + 2 and self._has_long_line(block):
             self._fail(LINE_TOO_LONG)
         if self.error != OK:
             return

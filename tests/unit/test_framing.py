@@ -1,0 +1,65 @@
+"""DataDecoder against a line-by-line reference: terminator, dot-unstuffing, bare EOLs and the
+line-length limit, whatever the chunking (hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, OK, DataDecoder
+
+MAX_LINE = 40
+
+line = st.one_of(
+    st.integers(0, 3 * MAX_LINE).map(lambda n: b"x" * n),  # lengths around the limit
+    st.sampled_from([b".", b"..", b".x", b"", b"x.y"]),
+)
+
+
+def reference(lines: list[bytes]) -> tuple[str, bytes]:
+    if any(len(x) > MAX_LINE for x in lines):
+        return LINE_TOO_LONG, b""
+    return OK, b"".join((x[1:] if x.startswith(b".") else x) + b"\r\n" for x in lines)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(line, max_size=30), st.lists(st.integers(1, 97), min_size=1, max_size=40))
+def test_matches_reference_for_any_chunking(lines: list[bytes], cuts: list[int]) -> None:
+    # Dot-stuff like a client would, then terminate and add a pipelined command.
+    wire = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
+    wire += b".\r\nQUIT\r\n"
+    out: list[bytes] = []
+    dec = DataDecoder(out.append, max_size=10**9, max_line=MAX_LINE)
+    rest = None
+    pos, i = 0, 0
+    while rest is None and pos < len(wire):
+        step = cuts[i % len(cuts)]
+        rest = dec.feed(wire[pos:pos + step])
+        pos += step
+        i += 1
+    assert dec.done and rest is not None
+    assert rest + wire[pos:] == b"QUIT\r\n"
+    # Stuffed lines are one byte longer on the wire: the limit applies to what was sent.
+    sent = [(b"." + x if x.startswith(b".") else x) for x in lines]
+    want_error, want_body = reference(sent)
+    assert dec.error == want_error
+    if want_error == OK:
+        assert b"".join(out) == want_body
+
+
+def test_long_line_inside_a_large_block_is_found_wherever_it_sits() -> None:
+    short = b"y" * 30 + b"\r\n"
+    for position in range(0, 200, 7):
+        body = short * position + b"z" * (MAX_LINE + 1) + b"\r\n" + short * (200 - position)
+        dec = DataDecoder(lambda _: None, max_size=10**9, max_line=MAX_LINE)
+        assert dec.feed(body + b".\r\n") == b""
+        assert dec.error == LINE_TOO_LONG, position
+    ok = DataDecoder(lambda _: None, max_size=10**9, max_line=MAX_LINE)
+    ok.feed(short * 500 + b"w" * MAX_LINE + b"\r\n.\r\n")
+    assert ok.error == OK
+
+
+def test_bare_lf_is_flagged() -> None:
+    dec = DataDecoder(lambda _: None, max_size=10**9, max_line=MAX_LINE)
+    dec.feed(b"a\nb\r\n.\r\n")
+    assert dec.error == BARE_EOL
