@@ -29,6 +29,9 @@ from twisted.python.failure import Failure
 log = Logger()
 
 MAX_BATCH = 64  # bounds the wait of a batch's first job behind its last one's fsync
+# Background batches stay short so that a commit a client is waiting on (its 250) never sits
+# behind more than a few Maildir writes, each with its own fsync.
+MAX_BACKGROUND_BATCH = 8
 _local = threading.local()
 
 
@@ -69,6 +72,7 @@ class DiskIO:
         self._reactor = reactor
         self.threads = max(0, threads)
         self._jobs: deque[_Job] = deque()
+        self._urgent: deque[_Job] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._workers: list[threading.Thread] = []
         self._waiting = 0
@@ -78,11 +82,20 @@ class DiskIO:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """Run ``fn(*args)`` on an I/O thread; the Deferred fires on the reactor thread."""
+        return self._submit(self._jobs, fn, args)
+
+    def submit_urgent(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """Like :meth:`submit`, for work a client is waiting on (a spool commit before the
+        250): it runs before any queued background job."""
+        return self._submit(self._urgent, fn, args)
+
+    def _submit(self, queue: deque[_Job], fn: Callable[..., Any],
+                args: tuple[Any, ...]) -> defer.Deferred[Any]:
         if self.threads == 0 or self._stopping:
             return self._run_inline(fn, args)
         d: defer.Deferred[Any] = defer.Deferred()
         with self._cond:
-            self._jobs.append((fn, args, d))
+            queue.append((fn, args, d))
             if self._waiting:
                 self._cond.notify()
             elif len(self._workers) < self.threads:
@@ -106,7 +119,7 @@ class DiskIO:
 
     def _take(self) -> list[_Job] | None:
         with self._cond:
-            while not self._jobs:
+            while not self._jobs and not self._urgent:
                 if self._stopping:
                     return None
                 self._waiting += 1
@@ -114,8 +127,9 @@ class DiskIO:
                     self._cond.wait()
                 finally:
                     self._waiting -= 1
-            n = min(len(self._jobs), MAX_BATCH)
-            return [self._jobs.popleft() for _ in range(n)]
+            queue, limit = (self._urgent, MAX_BATCH) if self._urgent else \
+                (self._jobs, MAX_BACKGROUND_BATCH)
+            return [queue.popleft() for _ in range(min(len(queue), limit))]
 
     def _work(self) -> None:
         while True:

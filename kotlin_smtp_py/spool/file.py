@@ -78,7 +78,7 @@ class FileSpoolWriter:
         entry = QueueEntry(queue_id=self.queue_id, envelope=envelope, pending=envelope.recipients,
                            next_attempt=now, created=now)
         fh, self._fh = self._fh, None
-        d = self._spool.run_in_thread(self._spool.commit_sync, fh, self._path, entry)
+        d = self._spool.disk_io.submit_urgent(self._spool.commit_sync, fh, self._path, entry)
 
         def done(_: object) -> QueueEntry:
             self._spool.index_add(entry)

@@ -44,17 +44,18 @@ def test_jobs_queued_behind_a_busy_thread_run_as_one_batch(tmp_path: Path) -> No
     assert entered.wait(20)
 
     def queue_more() -> defer.Deferred[list[tuple[bool, Any]]]:
-        ds = [io.submit(_write, tmp_path / f"m{i}", str(tmp_path)) for i in range(10)]
+        ds = [io.submit(_write, tmp_path / f"m{i}", str(tmp_path)) for i in range(8)]
         gate.set()
         return gather(first_d["d"], *ds)
 
     results = on_reactor(queue_more)
     assert all(ok for ok, _ in results)
     assert results[0][1] == "released"
-    # The ten jobs ran on the I/O thread, not the reactor thread, all in the second batch.
+    # The eight jobs (a full background batch) ran on the I/O thread, not the reactor
+    # thread, all in the second batch.
     assert {name for _, name in results[1:]} == {"disk-io-0"}
-    assert io.jobs_run == 11 and io.batches == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m{i}" for i in range(10))
+    assert io.jobs_run == 9 and io.batches == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m{i}" for i in range(8))
     io.stop()
 
 
@@ -128,4 +129,35 @@ def test_many_concurrent_jobs_all_complete(tmp_path: Path, threads: int) -> None
     assert len(results) == 300 and all(ok for ok, _ in results)
     assert io.jobs_run == 300 and io.batches <= 300
     assert len(list(tmp_path.iterdir())) == 300
+    io.stop()
+
+
+def test_urgent_jobs_overtake_queued_background_work(tmp_path: Path) -> None:
+    """A spool commit (a client waiting for its 250) must not queue behind Maildir writes."""
+    start_reactor()
+    io = DiskIO(threads=1)
+    gate, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def blocker() -> None:
+        entered.set()
+        assert gate.wait(20)
+
+    def note(name: str) -> None:
+        order.append(name)
+
+    first: dict[str, Any] = {}
+    on_reactor(lambda: first.update(d=io.submit(blocker)))
+    assert entered.wait(20)
+
+    def queue_all() -> defer.Deferred[list[tuple[bool, Any]]]:
+        ds = [io.submit(note, f"bg{i}") for i in range(20)]
+        ds.append(io.submit_urgent(note, "commit"))
+        gate.set()
+        return gather(first["d"], *ds)
+
+    assert all(ok for ok, _ in on_reactor(queue_all))
+    assert order[0] == "commit"
+    assert order[1:] == [f"bg{i}" for i in range(20)]  # background keeps its own order
+    assert io.batches == 5  # blocker, the commit, then background in batches of 8, 8, 4
     io.stop()
