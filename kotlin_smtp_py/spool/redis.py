@@ -628,7 +628,9 @@ class RedisSpool:
             if isinstance(result, int):
                 self._set_pending(result)
 
-        self.client.execute("ZCARD", self.key("due")).addBoth(done)
+        # maybeDeferred: a synchronous raise (no connection yet) must not leave the refresh
+        # flag set forever, or the cached count would never be refreshed again.
+        defer.maybeDeferred(self.client.execute, "ZCARD", self.key("due")).addBoth(done)
 
     def list_entries(self) -> defer.Deferred[list[QueueSummary]]:
         async def run() -> list[QueueSummary]:
