@@ -366,6 +366,10 @@ class SessionOutcome:
         return list(self.results)
 
 
+class _StaleSession(Exception):
+    """A cached session did not survive its reset; nothing of the message was delivered."""
+
+
 class _HostFailure(Exception):
     def __init__(self, status: DeliveryStatus, try_next: bool = True) -> None:
         super().__init__(status.text)
@@ -456,22 +460,23 @@ class ClientSession:
                     keep: Callable[[ClientSession], bool] | None = None
                     ) -> SessionOutcome | None:
         """Run another transaction on this (cached, idle) session. None when the connection
-        turned out to be unusable before the transaction began (closed by the peer, RSET
-        refused): the caller then simply opens a new one; nothing was sent for ``message``."""
+        turned out to be unusable (closed by the peer, RSET refused) before anything of
+        ``message`` could be delivered: the caller then simply opens a new one.
+
+        With PIPELINING the RSET travels in the same write as MAIL, RCPT and DATA; if it is
+        not answered 250 the connection is dropped before any message byte is sent, so the
+        peer never completes that transaction."""
         self.message = message
         self.decided = {}
         self.phase = "rset"
-        try:
-            if self.reader.failed() is not None or self.reader.has_buffered_input():
-                raise SessionError("lost", "idle connection unusable")
-            reply = await self.command("RSET", timeout=min(self.reader.read_timeout, 10.0))
-        except SessionError:
+        if self.reader.failed() is not None or self.reader.has_buffered_input():
             self._abort()
             return None
-        if reply.code != 250:
-            await self._quit()
+        try:
+            return await self._guarded(lambda: self._transaction(prefix=("RSET",)), keep)
+        except _StaleSession:
+            self._abort()
             return None
-        return await self._guarded(self._transaction, keep)
 
     async def _open_and_transact(self) -> list[tuple[Recipient, DeliveryStatus]]:
         greeting = await self.reader.reply()
@@ -698,33 +703,74 @@ class ClientSession:
             raise _HostFailure(status, try_next=False)
         return {r: status for r in msg.recipients if _needs_utf8(r.address)}, False
 
-    async def _transaction(self) -> list[tuple[Recipient, DeliveryStatus]]:
+    async def _prefix_replies(self, prefix: tuple[str, ...]) -> None:
+        """Replies to commands that only reset a reused session: anything but 250 (or a
+        dead connection) means the session is stale, not that the message failed."""
+        for _ in prefix:
+            try:
+                reply = await self.reader.reply(min(self.reader.read_timeout, 10.0))
+            except SessionError as exc:
+                raise _StaleSession() from exc
+            if reply.code != 250:
+                raise _StaleSession()
+
+    async def _transaction(self, prefix: tuple[str, ...] = ()
+                           ) -> list[tuple[Recipient, DeliveryStatus]]:
         decided, utf8 = self._precheck()
         self.decided = decided
         rcpts = [r for r in self.message.recipients if r not in decided]
         self.phase = "mail"
         mail = " ".join([f"MAIL FROM:<{self.message.sender}>", *self._mail_params(utf8)])
         rcpt_lines = [" ".join([f"RCPT TO:<{r.address}>", *self._rcpt_params(r)]) for r in rcpts]
+        data_reply: Reply | None = None
         if "PIPELINING" in self.extensions:
-            self.reader.send(mail, *rcpt_lines)
+            # RFC 2920: MAIL, every RCPT and DATA in one write, one round trip for them all.
+            pipe_data = bool(rcpt_lines)
+            try:
+                self.reader.send(*prefix, mail, *rcpt_lines, *(["DATA"] if pipe_data else []))
+            except SessionError as exc:
+                if prefix:
+                    raise _StaleSession() from exc
+                raise
+            await self._prefix_replies(prefix)
             mail_reply = await self.reader.reply()
             rcpt_replies = [await self.reader.reply() for _ in rcpt_lines]
+            if pipe_data:
+                self.phase = "data"
+                data_reply = await self.reader.reply()
         else:
+            for line in prefix:
+                try:
+                    self.reader.send(line)
+                except SessionError as exc:
+                    raise _StaleSession() from exc
+                await self._prefix_replies((line,))
             mail_reply = await self.command(mail)
             rcpt_replies = []
             if mail_reply.code == 250:
                 rcpt_replies = [await self.command(line) for line in rcpt_lines]
         if mail_reply.code != 250:
+            await self._refuse_data(data_reply)
             status = mail_reply.status(Reason.POLICY, self.target.name)
             return self._ordered(decided, {r: status for r in rcpts})
         for r, reply in zip(rcpts, rcpt_replies, strict=True):
             decided[r] = reply.status(Reason.RECIPIENT, self.target.name)
         accepted = [r for r in rcpts if decided[r].ok]
         if accepted:
-            final = await self._data()
+            final = await self._data(data_reply)
             for r in accepted:
                 decided[r] = final
+        else:
+            await self._refuse_data(data_reply)
         return self._ordered(decided, {})
+
+    async def _refuse_data(self, data_reply: Reply | None) -> None:
+        """A pipelined DATA that a peer accepted although no recipient was: end it empty
+        (RFC 2920 §3.1); its reply is read and ignored."""
+        if data_reply is not None and data_reply.code == 354:
+            self.phase = "dot"
+            self.reader.send(".")
+            await self.reader.reply()
 
     def _ordered(self, decided: dict[Recipient, DeliveryStatus],
                  extra: dict[Recipient, DeliveryStatus]) -> list[tuple[Recipient,
@@ -732,9 +778,11 @@ class ClientSession:
         merged = {**decided, **extra}
         return [(r, merged[r]) for r in self.message.recipients]
 
-    async def _data(self) -> DeliveryStatus:
+    async def _data(self, reply: Reply | None = None) -> DeliveryStatus:
+        """DATA (unless it went out pipelined and ``reply`` is its answer), body, final dot."""
         self.phase = "data"
-        reply = await self.command("DATA")
+        if reply is None:
+            reply = await self.command("DATA")
         if reply.code != 354:
             return reply.status(Reason.MESSAGE, self.target.name)
         with open(self.message.path, "rb") as fh:

@@ -29,6 +29,8 @@ class Behaviour:
     mail_reply: bytes = b"250 2.1.0 sender ok"
     data_reply: bytes = b"250 2.0.0 queued as X"
     silent_on: set[str] = field(default_factory=set)  # verbs never answered ("DATA", "EHLO")
+    data_without_rcpt: bool = False  # answer 354 to DATA even with no accepted recipient
+    rset_reply: bytes = b"250 2.0.0 ok"
 
 
 @dataclass
@@ -157,14 +159,16 @@ class SinkProtocol(protocol.Protocol):
                 self.txn.rcpts.append(line)
             self.send(reply)
         elif verb == "DATA":
-            if self.txn is None or not self.txn.rcpts:
+            if (self.txn is None or not self.txn.rcpts) and not b.data_without_rcpt:
                 self.send(b"554 5.5.1 no valid recipients")
                 return
+            if self.txn is None:
+                self.txn = Transaction("")
             self.in_data = True
             self.send(b"354 go ahead")
         elif verb == "RSET":
             self.txn = None
-            self.send(b"250 2.0.0 ok")
+            self.send(b.rset_reply)
         elif verb == "QUIT":
             self.send(b"221 2.0.0 bye")
             assert self.transport is not None

@@ -59,11 +59,32 @@ def test_without_pipelining_commands_go_one_by_one(sinks, make_config, tmp_path:
 
 
 def test_all_recipients_refused_sends_no_data(sinks, make_config, tmp_path: Path) -> None:
+    # With PIPELINING, DATA travels with MAIL and RCPT (RFC 2920) and the peer refuses it;
+    # no message byte is sent.
     sink = sinks.start(behaviour=Behaviour(rcpt={"a@normal.test": b"550 5.7.1 relay denied"}))
     entry, path = make_entry(tmp_path, ["a@normal.test"], BODY)
     assert kinds(deliver(make_config(), entry, path)) == [
         ("a@normal.test", 550, "5.7.1", FailureKind.PERMANENT)]
-    assert "DATA" not in sink.sessions[0].commands
+    assert sink.transactions == []
+    assert any(b"RCPT TO" in r and b"DATA" in r for r in sink.sessions[0].reads), \
+        "DATA not pipelined"
+    # Without PIPELINING, DATA is never sent when no recipient was accepted.
+    plain = sinks.start("127.0.0.2", Behaviour(extensions=["8BITMIME"],
+                                               rcpt={"a@normal.test": b"550 5.7.1 no"}))
+    cfg = make_config(relay={"defaultRoute": RouteConfig(host="127.0.0.2", port=sinks.port)})
+    assert kinds(deliver(cfg, entry, path))[0][1] == 550
+    assert "DATA" not in plain.sessions[0].commands
+
+
+def test_a_peer_that_accepts_pipelined_data_without_recipients_gets_an_empty_end(
+        sinks, make_config, tmp_path: Path) -> None:
+    sink = sinks.start(behaviour=Behaviour(rcpt={"a@normal.test": b"550 5.1.1 no"},
+                                           data_without_rcpt=True))
+    entry, path = make_entry(tmp_path, ["a@normal.test"], BODY)
+    assert kinds(deliver(make_config(), entry, path))[0][1] == 550
+    (txn,) = sink.transactions
+    assert txn.raw == b"" and txn.rcpts == []  # ended at once: no message byte leaked
+    assert sink.sessions[0].commands[-1] == "QUIT"
 
 
 def test_mail_from_rejection_applies_to_all(sinks, make_config, tmp_path: Path) -> None:

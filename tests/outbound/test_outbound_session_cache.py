@@ -96,3 +96,20 @@ def test_tls_sessions_are_reused_inside_tls(sinks: Any, make_config: Any, tls_co
     assert session.tls and len(session.transactions) == 2
     assert session.commands.count("STARTTLS") == 1
     on_reactor(relay.close_idle)
+
+
+def test_a_refused_rset_drops_the_cached_session_before_any_message_byte(
+        sinks: Any, make_config: Any, tmp_path: Path) -> None:
+    sink = sinks.start()
+    relay = cached(make_config)
+    assert send(relay, tmp_path, "a@normal.test")[0][1].ok
+    sink.behaviour.rset_reply = b"421 4.3.2 going away"
+    results = send(relay, tmp_path, "b@normal.test")
+    assert results[0][1].ok, results
+    first, second = sink.sessions
+    # RSET, MAIL, RCPT and DATA went out together, but the message itself did not: the old
+    # connection was dropped at the bad RSET reply and the message went over a new one.
+    assert [t.rcpts for t in first.transactions] == [["RCPT TO:<a@normal.test>"]]
+    assert "RSET" in first.commands
+    assert [t.rcpts for t in second.transactions] == [["RCPT TO:<b@normal.test>"]]
+    on_reactor(relay.close_idle)
