@@ -139,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--limit-seconds", type=float, default=900.0)
     ap.add_argument("--skip-postfix", action="store_true")
-    ap.add_argument("--concurrency", type=int, default=8,
+    # Postfix delivers to one destination over up to default_destination_concurrency_limit =
+    # 20 connections; ours, per process, gets 20 / cores so that both sides use 20 in total.
+    fair = max(1, 20 // (os.cpu_count() or 1))
+    ap.add_argument("--concurrency", type=int, default=2 * fair,
                     help="smtp.spool.workerConcurrency for our server (per process)")
-    ap.add_argument("--per-destination", type=int, default=None,
-                    help="smtp.relay.maxConnectionsPerDestination (default: the config's, 5)")
+    ap.add_argument("--per-destination", type=int, default=fair,
+                    help="smtp.relay.maxConnectionsPerDestination (per process; default: 20 "
+                         "in total over all processes, like Postfix)")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kotlin-smtp-drain-"))
     os.chmod(root, 0o755)
