@@ -478,9 +478,11 @@ class SMTPServerProtocol(smtp.ESMTP):
         connection-per-message load). Bytes the kernel does not take are handed to write() as
         usual, so ordering, back-pressure and error handling stay Twisted's."""
         t = self.transport
-        if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
-                and not t._writeDisconnected and not t._tempDataLen
-                and t.offset == len(t.dataBuffer)):
+        # getattr defaults switch the shortcut off should a Twisted release rename these.
+        if (type(t) is tcp.Server and not getattr(t, "TLS", True) and t.connected
+                and not t.disconnecting and not getattr(t, "_writeDisconnected", True)
+                and not getattr(t, "_tempDataLen", 1)
+                and getattr(t, "offset", -1) == len(getattr(t, "dataBuffer", b""))):
             try:
                 sent = t.socket.send(data)
             except OSError:
