@@ -24,12 +24,22 @@ def parse_ip(text: str) -> IPAddress | None:
 class CidrSet:
     """A set of networks; ``contains(ip_text)`` is False for anything that is not an address."""
 
+    CACHE_SIZE = 4096  # recent client addresses: the same peers ask again and again
+
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        self._answers: dict[str, bool] = {}
 
     def __bool__(self) -> bool:
         return bool(self.networks)
 
     def contains(self, ip_text: str) -> bool:
-        ip = parse_ip(ip_text)
-        return ip is not None and any(ip in n for n in self.networks)
+        # Parsing an address costs ~15 us; a connection asks several sets several times.
+        answer = self._answers.get(ip_text)
+        if answer is None:
+            ip = parse_ip(ip_text)
+            answer = ip is not None and any(ip in n for n in self.networks)
+            if len(self._answers) >= self.CACHE_SIZE:
+                self._answers.clear()
+            self._answers[ip_text] = answer
+        return answer
