@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,14 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kotlin_smtp_py.envelope import Address, AddressError, Envelope, Recipient, parse_path
+from kotlin_smtp_py.envelope import (
+    Address,
+    AddressError,
+    Envelope,
+    Recipient,
+    parse_path,
+    unique_hex,
+)
 from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, TOO_BIG, DataDecoder
 from kotlin_smtp_py.inbound.policy import SessionInfo
 from kotlin_smtp_py.interfaces import ISpoolWriter
@@ -199,7 +205,7 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def __init__(self) -> None:
         super().__init__(chal={}, contextFactory=None)  # type: ignore[no-untyped-call]
-        self.session_id = secrets.token_hex(6)
+        self.session_id = unique_hex(6)
         self._buf = bytearray()
         self._mode = "command"
         self._busy = False

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kotlin_smtp_py.diskio import DiskIO, sync_dir
-from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id
+from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id, unique_hex
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
 from kotlin_smtp_py.spool.dueindex import DueIndex
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
@@ -178,7 +177,7 @@ class FileSpool:
             pass
 
     def _write_json_sync(self, entry: QueueEntry) -> str:
-        tmp = os.path.join(self.tmp_dir, f"{entry.queue_id}.{secrets.token_hex(4)}.json")
+        tmp = os.path.join(self.tmp_dir, f"{entry.queue_id}.{unique_hex(4)}.json")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             os.write(fd, entry.to_json_bytes())
@@ -358,7 +357,7 @@ class FileSpool:
             return False
         if first:
             entry = entry.evolve(first_delivery=True)
-        return Claim(entry, secrets.token_hex(8), self._paths(queue_id)[0]), fd
+        return Claim(entry, unique_hex(8), self._paths(queue_id)[0]), fd
 
     def claim(self, queue_id: str) -> defer.Deferred[Claim | None]:
         if queue_id in self._held or not is_queue_id(queue_id):
