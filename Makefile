@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/config.yaml
 export PYTHONPATH := $(CURDIR)
-DEBIAN_PACKAGES := redis-server swaks dnsutils postfix
+DEBIAN_PACKAGES := redis-server swaks dnsutils postfix iproute2
 
 .PHONY: run test lint typecheck unit deps venv bench clean api-snapshot
 

@@ -64,6 +64,7 @@ from kotlin_smtp_py.web.health import (
 )
 from kotlin_smtp_py.web.site import make_management_site
 from kotlin_smtp_py.workers import (
+    LISTEN_BACKLOG,
     ClusterRole,
     WorkerSupervisor,
     listen_reuseport,
@@ -541,7 +542,10 @@ class SmtpService(service.MultiService):
             fd, family = self._inherited[index]
             return self.reactor.adoptStreamPort(fd, family, factory)
         if self.cluster is None:
-            return self.reactor.listenTCP(listener.port, factory, interface=listener.bindAddress)
+            # Twisted's default backlog (50) drops SYNs in a burst of connections, which costs
+            # each dropped client a 1 s retransmit: use the same depth as the worker sockets.
+            return self.reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG,
+                                          interface=listener.bindAddress)
         # Several processes on one port: the parent binds first (port 0 resolves there) and
         # the workers bind the parent's ports.
         port = listener.port if self.cluster.is_parent else self.cluster.ports[index]

@@ -649,3 +649,15 @@ def test_replies_stay_in_order_when_the_client_reads_slowly(make_server: Any) ->
         assert c.reply()[0] == 214, f"round {i}"
         assert c.reply() == (250, ["2.0.0 Ok"]), f"round {i}"
     assert c.cmd("QUIT")[0] == 221
+
+
+def test_listen_backlog_absorbs_connection_bursts(make_server: Any) -> None:
+    """A single-process server listens with the same deep backlog as worker sockets, not
+    Twisted's 50 (a burst beyond the backlog costs each dropped client a 1 s SYN retry)."""
+    import subprocess
+
+    srv = make_server()
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{srv.port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    # ss prints: State Recv-Q Send-Q Local:Port Peer:Port; Send-Q is the backlog for LISTEN.
+    assert out[0] == "LISTEN" and int(out[2]) == 1024, out
