@@ -136,7 +136,11 @@ class DiskIO:
             batch = self._take()
             if batch is None:
                 return
-            outcomes = self._run_batch(batch)
+            try:
+                outcomes = self._run_batch(batch)
+            except BaseException:  # a bug here must not kill the thread and strand the queue
+                f = Failure()  # type: ignore[no-untyped-call]
+                outcomes = [(False, f)] * len(batch)
             self._reactor.callFromThread(self._deliver, batch, outcomes)
 
     @staticmethod
