@@ -181,6 +181,10 @@ class FileSpool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             os.write(fd, entry.to_json_bytes())
+            # The envelope's mtime is its next attempt, so a scan learns when every entry is
+            # due from a stat instead of reading and parsing each file (start-up with a large
+            # queue). Claims still read the file and correct the index if the two disagree.
+            os.utime(fd, (entry.next_attempt, entry.next_attempt))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -255,9 +259,10 @@ class FileSpool:
             if qid in known:
                 seen[qid] = known[qid]
                 continue
-            entry = self._read_entry_sync(qid)
-            if entry is not None:
-                seen[qid] = entry.next_attempt
+            try:
+                seen[qid] = os.stat(self._paths(qid)[1]).st_mtime  # = next attempt (see above)
+            except FileNotFoundError:
+                continue  # completed since the listing
         if initial:
             self._cleanup_orphans_sync(names, json_ids, now)
         return seen
@@ -370,6 +375,9 @@ class FileSpool:
                 return None
             claim, fd = result
             self._held[queue_id] = _Held(claim.token, fd)
+            # The file is the truth; an index learnt from mtimes (or written by an older
+            # version) may be early, and the scheduler releases an entry that is not due yet.
+            self._index.set(queue_id, claim.entry.next_attempt)
             return claim
 
         return self.run_in_thread(self._claim_sync, queue_id,

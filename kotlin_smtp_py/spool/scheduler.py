@@ -30,6 +30,7 @@ from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 log = Logger()
 
 MAX_RETRY_DELAY = 600.0
+NOT_DUE_SLACK = 1.0  # seconds: clocks of processes sharing a spool may differ a little
 JITTER = 0.2
 Result = tuple[Recipient, DeliveryStatus]
 
@@ -191,7 +192,9 @@ class Scheduler:
                     continue
                 if claim is None:
                     continue
-                if self._stopping:
+                if self._stopping or claim.entry.next_attempt > now + NOT_DUE_SLACK:
+                    # Stopping, or the spool's index was early (it learns due times cheaply
+                    # and corrects them at claim time): not this pass.
                     await self.spool.release(claim)
                     continue
                 d = defer.Deferred.fromCoroutine(self._process(claim))

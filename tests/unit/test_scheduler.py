@@ -197,3 +197,46 @@ def test_null_sender_never_gets_a_dsn_via_bouncer_contract(tmp_path: Path,
     wait_until(lambda: on_reactor(spool.get, qid) is None, message="bounced")
     assert [b[1] for b in bouncer.notices] == ["failed"]
     on_reactor(sched.stop)
+
+
+def test_a_restart_learns_due_times_from_mtimes_and_never_delivers_early(
+        tmp_path: Path, reactor_thread: None) -> None:
+    """After a restart the spool indexes entries by their envelope's mtime (no file is read);
+    an entry whose index time is early (written by an older version, or touched) is corrected
+    at claim time and released, not delivered before its next attempt."""
+    import os
+
+    clock, spool, delivery, _, sched = _setup(tmp_path, ["temp"])
+    qid = _enqueue(spool, ["a@localhost"])
+    on_reactor(sched.start)
+    _run(clock, 0, sched)
+    assert delivery.calls == [(qid, ["a@localhost"])]  # first attempt failed: retry later
+    js = tmp_path / "spool" / "queue" / f"{qid}.json"
+    from kotlin_smtp_py.spool.record import QueueEntry
+
+    due = os.stat(js).st_mtime
+    stored = QueueEntry.from_json_bytes(js.read_bytes()).next_attempt
+    assert stored > clock.seconds() + 30 and abs(due - stored) < 0.01  # mtime = next attempt
+    on_reactor(sched.stop)
+
+    # "Restart": a new spool and scheduler on the same directory.
+    restarted = on_reactor(FileSpool, str(tmp_path / "spool"), clock=clock)
+    assert on_reactor(restarted.due, clock.seconds(), 10) == []
+    assert on_reactor(restarted.due, due + 1, 10) == [qid]
+
+    # An early index entry (mtime in the past, as an older version wrote it): claimed,
+    # found not due, released; nothing is delivered and the index moves to the real time.
+    os.utime(js, (clock.seconds() - 100, clock.seconds() - 100))
+    early = on_reactor(FileSpool, str(tmp_path / "spool"), clock=clock)
+    delivery2 = ScriptedDelivery(["ok"])
+    sched2 = Scheduler(early, DeliveryRouter(frozenset({"localhost"}), delivery2),
+                       RecordingBouncer(), clock=clock, rng=random.Random(7), max_retries=3,
+                       retry_delay_seconds=60, concurrency=1)
+    assert on_reactor(early.due, clock.seconds(), 10) == [qid]
+    on_reactor(sched2.start)
+    _run(clock, 0, sched2)
+    assert delivery2.calls == []
+    assert on_reactor(early.due, clock.seconds(), 10) == []
+    _run(clock, due - clock.seconds() + 1, sched2)
+    assert delivery2.calls == [(qid, ["a@localhost"])]
+    on_reactor(sched2.stop)
