@@ -92,6 +92,24 @@ def deep_merge(base: dict[str, Any], extra: Any) -> dict[str, Any]:
     return out
 
 
+def listen_udp_and_tcp(reactor: Any, udp_protocol: Any, tcp_factory: Any,
+                       interface: str = "127.0.0.1", attempts: int = 50) -> tuple[Any, Any]:
+    """UDP and TCP listeners on one port number (a DNS server), from the reactor thread.
+
+    The kernel picks the UDP port; the TCP port of that number may be taken by someone else
+    (another test's listener, an outgoing connection's ephemeral port), so retry a bounded
+    number of times instead of failing the whole session's fixtures."""
+    from twisted.internet.error import CannotListenError
+
+    for _ in range(attempts):
+        udp = reactor.listenUDP(0, udp_protocol, interface=interface)
+        try:
+            return udp, reactor.listenTCP(udp.getHost().port, tcp_factory, interface=interface)
+        except CannotListenError:
+            udp.stopListening()
+    raise RuntimeError(f"no port free for both UDP and TCP after {attempts} attempts")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CertSet, free_port, on_reactor, start_reactor
+from helpers import CertSet, free_port, listen_udp_and_tcp, on_reactor, start_reactor
 from outbound_sink import Behaviour, SinkFactory, server_tls
 from twisted.internet import defer
 
@@ -90,21 +90,18 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsPorts]:
 
     zonefile = tmp_path_factory.mktemp("dns") / "test.zone.py"
     zonefile.write_text(ZONE)
-    port = free_port()
-
     def listen() -> list[Any]:
         auth = authority.PySourceAuthority(str(zonefile))
         factory = server.DNSServerFactory(authorities=[auth])
         factory.noisy = False
-        udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        udp, tcp = listen_udp_and_tcp(reactor, dns.DNSDatagramProtocol(factory), factory)
         servfail = reactor.listenUDP(0, _servfail_protocol(), interface="127.0.0.1")
         return [udp, tcp, servfail]
 
     ports = on_reactor(listen)
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
-    yield DnsPorts(port, silent.getsockname()[1], ports[2].getHost().port)
+    yield DnsPorts(ports[0].getHost().port, silent.getsockname()[1], ports[2].getHost().port)
     silent.close()
     on_reactor(lambda: defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports]))
 

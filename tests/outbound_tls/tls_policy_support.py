@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CertSet, make_certs, on_reactor, start_reactor
+from helpers import CertSet, listen_udp_and_tcp, make_certs, on_reactor, start_reactor
 from twisted.internet import defer
 from twisted.names import authority, dns, server
 from twisted.web import resource
@@ -102,8 +102,7 @@ def policy_dns() -> Iterator[PolicyDns]:
         for cls in (server.DNSServerFactory, _AdServerFactory):
             factory = cls(authorities=[zone])
             factory.noisy = False
-            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-            tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+            udp, tcp = listen_udp_and_tcp(reactor, dns.DNSDatagramProtocol(factory), factory)
             ports += [udp, tcp]
         return zone, ports
 
