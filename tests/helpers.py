@@ -110,9 +110,35 @@ def listen_udp_and_tcp(reactor: Any, udp_protocol: Any, tcp_factory: Any,
     raise RuntimeError(f"no port free for both UDP and TCP after {attempts} attempts")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, for a listener started a little later.
+
+    Taken from *below* the kernel's ephemeral range: a port the kernel picked for us (bind to
+    0) can meanwhile become the local port of some outgoing connection, and the later listen
+    then fails with EADDRINUSE (seen under load). Ports outside the range can only be taken by
+    another explicit bind, which the bind test here rules out at pick time."""
+    import random
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    low = max(1024, min(_ephemeral_range()[0], 65536) - 12000)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, low + 12000)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # fall back to the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
