@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--body-bytes", type=int, default=4096)
     ap.add_argument("--persistent", action="store_true")
     ap.add_argument("--compare-postfix", action="store_true")
+    ap.add_argument("--postfix-maildir", action="store_true",
+                    help="Postfix delivers into a Maildir (virtual(8)) like we do, instead of "
+                         "discard: (the issue's reference)")
     ap.add_argument("--workers", type=int, default=None,
                     help="smtp.workers for our server (default: the config default = cores)")
     ap.add_argument("--loader", choices=("auto", "smtp-source", "smtpload"), default="auto")
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             if why is not None:
                 print(f"[postfix] skipped: {why}")
             else:
-                pf = run_one(PostfixServer(root / "postfix"), args)
+                pf = run_one(PostfixServer(root / "postfix", maildir=args.postfix_maildir),
+                             args)
                 report(pf)
                 results.append(pf)
                 ok = ok and pf["drained"]

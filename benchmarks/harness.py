@@ -297,6 +297,7 @@ showq     unix  n - n - - showq
 error     unix  - - n - - error
 retry     unix  - - n - - error
 discard   unix  - - n - - discard
+virtual   unix  - n n - - virtual
 anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
@@ -322,20 +323,34 @@ class PostfixServer:
 
     name = "postfix"
 
-    def __init__(self, root: Path, relay_to: int | None = None) -> None:
+    def __init__(self, root: Path, relay_to: int | None = None, maildir: bool = False) -> None:
+        """``maildir``: deliver into ``mail/bench/Maildir`` with virtual(8) instead of
+        ``discard:``, i.e. the same work our server does (the issue's reference uses discard)."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
         self.port = free_port()
         self.recipient = "bench@bench.invalid"
+        self.maildir = maildir
         self.etc = root / "etc"
-        for sub in ("etc", "queue", "data"):
+        for sub in ("etc", "queue", "data", "mail"):
             (root / sub).mkdir(exist_ok=True)
         pw = pwd.getpwnam("postfix")
         os.chown(root / "data", pw.pw_uid, pw.pw_gid)
-        transport = (f"default_transport = smtp\nrelayhost = [127.0.0.1]:{relay_to}\n"
-                     "smtp_tls_security_level = none\n" if relay_to is not None else
-                     "default_transport = discard:\nlocal_transport = discard:\n")
+        os.chown(root / "mail", pw.pw_uid, pw.pw_gid)
+        if relay_to is not None:
+            transport = (f"default_transport = smtp\nrelayhost = [127.0.0.1]:{relay_to}\n"
+                         "smtp_tls_security_level = none\n")
+        elif maildir:
+            transport = (f"virtual_mailbox_domains = bench.invalid\n"
+                         f"virtual_mailbox_base = {root}/mail\n"
+                         "virtual_mailbox_maps = static:bench/Maildir/\n"
+                         f"virtual_uid_maps = static:{pw.pw_uid}\n"
+                         f"virtual_gid_maps = static:{pw.pw_gid}\n"
+                         "virtual_minimum_uid = 1\n"
+                         "default_transport = discard:\nlocal_transport = discard:\n")
+        else:
+            transport = "default_transport = discard:\nlocal_transport = discard:\n"
         (self.etc / "main.cf").write_text(f"""\
 compatibility_level = 3.6
 config_directory = {self.etc}
