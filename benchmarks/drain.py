@@ -56,7 +56,7 @@ def fill_our_spool(spool_dir: Path, n: int, body_bytes: int) -> None:
         w.write(body)
         entry = QueueEntry(queue_id=w.queue_id, envelope=env, pending=env.recipients,
                            next_attempt=now, created=now)
-        spool.commit_sync(w._fh, w._path, entry)  # the synchronous half of commit()
+        spool.commit_sync(w._fh, w._path, entry, bytes(w._head))  # commit()'s I/O-thread half
         w._done = True
 
 

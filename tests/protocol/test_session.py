@@ -349,6 +349,8 @@ def test_data_over_size_limit_is_552_and_session_continues(make_server: Any) -> 
 
 
 def test_storage_failure_is_451_never_5xx(make_server: Any) -> None:
+    """The spool file is created by the commit (off the reactor), so a broken spool shows at
+    the end of DATA: 451, the message is not accepted, and the session goes on."""
     import shutil
 
     srv = make_server()
@@ -357,8 +359,12 @@ def test_storage_failure_is_451_never_5xx(make_server: Any) -> None:
     ehlo(c)
     c.cmd("MAIL FROM:<a@remote.test>")
     c.cmd("RCPT TO:<alice@localhost>")
-    code, lines = c.cmd("DATA")
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: lost?\r\n\r\nno\r\n.\r\n")
+    code, lines = c.reply()
     assert (code, lines[0][:5]) == (451, "4.3.0")
+    assert c.cmd("NOOP")[0] == 250
+    assert srv.messages("alice") == []
 
 
 # -- BDAT --------------------------------------------------------------------------------------
