@@ -43,6 +43,13 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def sync_dir(path: str) -> None:
     """Make renames/links into ``path`` durable before the current job reports success."""
     pending: set[str] | None = getattr(_local, "dirs", None)

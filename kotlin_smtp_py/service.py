@@ -314,6 +314,7 @@ class SmtpService(service.MultiService):
 
     def _trusted(self, peer_ip: str) -> bool:
         return self._trusted_networks.contains(peer_ip)
+
     def _archive_sent(self, entry: Any, message_path: str) -> defer.Deferred[Any]:
         owner = entry.envelope.archive_owner
         root = os.path.join(self.config.smtp.storage.mailboxDir, owner, "sent")

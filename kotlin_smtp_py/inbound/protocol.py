@@ -258,7 +258,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self.startedTLS = self._tls
         self.factory.session_started(self)
         log.debug("session {session} connect from {peer}", session=self.session_id,
-                 peer=self.peer_ip, event="session_started")
+                  peer=self.peer_ip, event="session_started")
         if self._tls:
             self._arm_handshake_timer()
         self._arm_idle_timer()

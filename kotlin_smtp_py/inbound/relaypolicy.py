@@ -51,8 +51,6 @@ def is_address_trick(recipient: Address) -> bool:
     return recipient.literal or any(c in recipient.local for c in _TRICK_CHARS)
 
 
-
-
 @implementer(IRelayAccessPolicy)
 class DefaultRelayRule:
     """The configured policy (step 3); always returns a decision."""

@@ -93,8 +93,8 @@ class LocalDelivery:
                                   prefix, message_path,
                                   check_existing=not entry.first_delivery)
             log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
-                     queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
-                     dup="" if fresh else " (already present)", event="delivered")
+                      queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
+                      dup="" if fresh else " (already present)", event="delivered")
         return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
 
     @defer.inlineCallbacks

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 
-from kotlin_smtp_py.diskio import sync_dir
+from kotlin_smtp_py.diskio import sync_dir, write_all
 
 COPY_CHUNK = 1 << 20
 _SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
@@ -65,17 +65,10 @@ def write_maildir(root: str, name: str, prefix: bytes, message_path: str,
     tmp = os.path.join(root, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        if prefix:
-            os.write(fd, prefix)
+        write_all(fd, prefix)
         with open(message_path, "rb") as src:
-            while True:
-                chunk = src.read(COPY_CHUNK)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            while chunk := src.read(COPY_CHUNK):
+                write_all(fd, chunk)
         os.fsync(fd)
     finally:
         os.close(fd)

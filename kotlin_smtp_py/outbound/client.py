@@ -857,7 +857,7 @@ class SessionCache:
         self.max_idle = max_idle
         self._idle: dict[tuple[Any, ...], list[tuple[ClientSession, IDelayedCall]]] = {}
         self._count = 0
-        self.reused = 0  # transactions that ran on a cached session (for tests and metrics)
+        self.reused = 0  # transactions that ran on a cached session
 
     @staticmethod
     def key(target: Target, helo_name: str, tls: TlsPolicy, credentials: Credentials | None,
@@ -921,6 +921,14 @@ class SessionCache:
                 self._close(session)
 
 
+def _crashed(session: ClientSession, exc: Exception) -> SessionOutcome:
+    """A bug inside a session must not lose the message: log it, drop the connection, defer."""
+    log.failure("outbound session to {remote} crashed", remote=session.target.name)
+    session._abort()
+    return SessionOutcome(host_failure=DeliveryStatus.transient(
+        Reason.OTHER, f"internal error: {exc!r}"[:300], "4.3.0", 451, session.target.name))
+
+
 async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: TlsPolicy,
                           message: OutboundMessage,
                           credentials: Credentials | None = None,
@@ -935,11 +943,8 @@ async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: Tls
         while (cached := cache.take(key)) is not None:
             try:
                 reused = await cached.reuse(message, keep)
-            except Exception as exc:  # a bug must not lose the message: defer it
-                log.failure("outbound session to {remote} crashed", remote=target.name)
-                cached._abort()
-                return SessionOutcome(host_failure=DeliveryStatus.transient(
-                    Reason.OTHER, f"internal error: {exc!r}"[:300], "4.3.0", 451, target.name))
+            except Exception as exc:
+                return _crashed(cached, exc)
             if reused is not None:
                 cache.reused += 1
                 return replace(reused, reused=True)
@@ -961,12 +966,8 @@ async def deliver_session(reactor: Any, target: Target, helo_name: str, tls: Tls
                             requirements)
     try:
         outcome = await session.run(keep)
-    except Exception as exc:  # a bug must not lose the message: defer it
-        log.failure("outbound session to {remote} crashed", remote=target.name)
-        session._abort()
-        status = DeliveryStatus.transient(Reason.OTHER, f"internal error: {exc!r}"[:300],
-                                          "4.3.0", 451, target.name)
-        outcome = SessionOutcome(host_failure=status, try_next=False)
+    except Exception as exc:
+        outcome = _crashed(session, exc)
     if outcome.host_failure is not None:
         log.info("session with {remote} [{address}]:{port} failed: {status}",
                  remote=target.name, address=target.address, port=target.port,

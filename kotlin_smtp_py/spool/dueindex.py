@@ -24,13 +24,20 @@ _Heap = list[tuple[float, str]]
 
 class DueIndex:
     def __init__(self, initial: Mapping[str, float] | None = None, share: int = 0,
-                 shares: int = 1, own: Container[str] = ()) -> None:
+                 shares: int = 1) -> None:
         self.share = share
         self.shares = max(1, shares)
         self._due: dict[str, float] = dict(initial or {})
-        self._own: set[str] = {q for q in self._due if q in own}
+        self._own: set[str] = set()
         self._mine: _Heap = []
         self._theirs: _Heap = []
+        self._rebuild()
+
+    def replace(self, due: Mapping[str, float]) -> None:
+        """Adopt a whole new id -> due map (a scan); entries this process committed and that
+        are still there stay its own."""
+        self._due = dict(due)
+        self._own &= self._due.keys()
         self._rebuild()
 
     def _is_mine(self, queue_id: str) -> bool:
@@ -74,9 +81,6 @@ class DueIndex:
 
     def snapshot(self) -> dict[str, float]:
         return dict(self._due)
-
-    def own(self) -> frozenset[str]:
-        return frozenset(self._own)
 
     def due(self, now: float, limit: int, skip: Container[str] = ()) -> list[str]:
         """Up to ``limit`` ids due at ``now`` (mine first, each group earliest first), leaving

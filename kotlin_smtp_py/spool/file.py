@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kotlin_smtp_py.diskio import DiskIO, sync_dir
+from kotlin_smtp_py.diskio import DiskIO, sync_dir, write_all
 from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id, unique_hex
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
 from kotlin_smtp_py.spool.dueindex import DueIndex
@@ -148,7 +148,6 @@ class FileSpool:
         self.clock: Any = clock if clock is not None else reactor
         self.scan_interval = scan_interval
         self._on_corrupt = on_corrupt
-        self.share, self.shares = share, shares
         self._index = DueIndex(share=share, shares=shares)
         self._recent: set[str] = set()
         self._held: dict[str, _Held] = {}
@@ -214,9 +213,7 @@ class FileSpool:
         if fh is None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(head)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, head)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -275,7 +272,7 @@ class FileSpool:
             due = self._index.get(qid)
             if due is not None:
                 merged[qid] = due
-        self._index = DueIndex(merged, self.share, self.shares, own=self._index.own())
+        self._index.replace(merged)
 
     def scan_sync(self, known: dict[str, float], initial: bool = False) -> dict[str, float]:
         """Thread: list queue/ (picks up entries other processes wrote); returns id -> due."""
