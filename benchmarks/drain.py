@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.harness import (
     SMTP_SINK,
@@ -60,6 +61,16 @@ def fill_our_spool(spool_dir: Path, n: int, body_bytes: int) -> None:
         w._done = True
 
 
+def _drained(server: Any, limit: float, interval: float) -> bool:
+    """Whether ``server``'s queue empties within ``limit`` seconds."""
+    try:
+        wait_until(lambda: server.queued() == 0, limit, interval=interval,
+                   what=f"{server.name} drain")
+        return True
+    except TimeoutError:
+        return False
+
+
 def drain_ours(root: Path, n: int, body_bytes: int, workers: int | None, limit: float,
                concurrency: int = 8, per_destination: int | None = None) -> None:
     sink, port = start_sink(root)
@@ -75,11 +86,7 @@ def drain_ours(root: Path, n: int, body_bytes: int, workers: int | None, limit: 
         up, at_up = time.monotonic(), server.queued()
         stats = TreeStats(server.pid)
         stats.begin()
-        try:
-            wait_until(lambda: server.queued() == 0, limit, interval=0.05, what="our drain")
-            ok = True
-        except TimeoutError:
-            ok = False
+        ok = _drained(server, limit, 0.05)
         took = time.monotonic() - started
         after_up = time.monotonic() - up
         usage = stats.end()
@@ -114,11 +121,7 @@ def drain_postfix(root: Path, n: int, body_bytes: int, limit: float) -> None:
         stats.begin()
         subprocess.run(["/usr/sbin/postqueue", "-c", str(pf.etc), "-f"], capture_output=True,
                        timeout=60)
-        try:
-            wait_until(lambda: pf.queued() == 0, limit, interval=0.2, what="postfix drain")
-            ok = True
-        except TimeoutError:
-            ok = False
+        ok = _drained(pf, limit, 0.2)
         took = time.monotonic() - started
         usage = stats.end()
         left = pf.queued()

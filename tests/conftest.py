@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import CertSet, RedisServer, make_certs, start_reactor
+from helpers import CertSet, RedisServer, make_certs, start_reactor, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +27,7 @@ def reactor_thread() -> None:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A private redis-server. Missing Redis fails under CI=true instead of skipping."""
-    try:
-        server = RedisServer()
-        server.start()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"redis-server is required under CI: {exc}")
-        pytest.skip(f"redis-server unavailable: {exc}")
+    server = start_redis()
     yield server
     server.cleanup()
 

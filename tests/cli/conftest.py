@@ -15,8 +15,5 @@ from mtaproc import MtaPool
 
 @pytest.fixture
 def mtas(tmp_path: Path) -> Iterator[MtaPool]:
-    pool = MtaPool(tmp_path)
-    try:
+    with MtaPool(tmp_path) as pool:
         yield pool
-    finally:
-        pool.close()

@@ -247,3 +247,9 @@ class MtaPool:
     def close(self) -> None:
         for proc in self.procs:
             proc.close()
+
+    def __enter__(self) -> MtaPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

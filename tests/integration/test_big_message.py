@@ -235,11 +235,8 @@ def test_24mb_message_bounded_rss(big_server: tuple[MtaProcess, dict[str, Any]],
 @pytest.fixture(scope="module")
 def small_limit_server(tmp_path_factory: pytest.TempPathFactory
                        ) -> Iterator[tuple[MtaProcess, dict[str, Any]]]:
-    pool = MtaPool(tmp_path_factory.mktemp("limit"))
-    try:
+    with MtaPool(tmp_path_factory.mktemp("limit")) as pool:
         yield pool.new({"smtp": {"limits": {"maxMessageSizeBytes": SMALL_LIMIT}}})
-    finally:
-        pool.close()
 
 
 def test_size_parameter_over_limit_refused_at_mail(

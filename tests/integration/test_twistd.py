@@ -61,11 +61,8 @@ def test_twistd_help_lists_smtp_plugin() -> None:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MtaProcess, dict[str, Any]]]:
     """One server for the delivery tests of this module (start-up costs seconds on CI)."""
-    pool = MtaPool(tmp_path_factory.mktemp("shared"))
-    try:
+    with MtaPool(tmp_path_factory.mktemp("shared")) as pool:
         yield pool.new()
-    finally:
-        pool.close()
 
 
 def test_smtplib_delivery_into_maildir_new(shared: tuple[MtaProcess, dict[str, Any]]) -> None:

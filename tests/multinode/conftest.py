@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import start_redis
 from mn_support import RedisServer, TokenSink
 from mtaproc import MtaPool
 
@@ -20,21 +20,10 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "make test)")
 
 
-def _redis(appendonly: bool) -> RedisServer:
-    try:
-        server = RedisServer(appendonly=appendonly)
-        server.start()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"redis-server is required under CI: {exc}")
-        pytest.skip(f"redis-server unavailable: {exc}")
-    return server
-
-
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test only (no persistence)."""
-    server = _redis(appendonly=False)
+    server = start_redis(appendonly=False)
     yield server
     server.cleanup()
 
@@ -42,7 +31,7 @@ def private_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def durable_redis() -> Iterator[RedisServer]:
     """A redis-server of this test only with ``appendonly yes`` + ``appendfsync always``."""
-    server = _redis(appendonly=True)
+    server = start_redis(appendonly=True)
     yield server
     server.cleanup()
 
@@ -56,8 +45,5 @@ def sink() -> Iterator[TokenSink]:
 
 @pytest.fixture
 def nodes_pool(tmp_path: Path) -> Iterator[MtaPool]:
-    pool = MtaPool(tmp_path)
-    try:
+    with MtaPool(tmp_path) as pool:
         yield pool
-    finally:
-        pool.close()
