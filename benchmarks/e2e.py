@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loader", choices=("auto", "smtp-source", "smtpload"), default="auto")
     ap.add_argument("--max-seconds", type=float, default=600.0)
     ap.add_argument("--drain-seconds", type=float, default=300.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for our server, e.g. smtp.spool.ioThreads=4 "
+                         "(repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = ap.parse_args(argv)
     if args.loader == "auto":
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     ok = True
     try:
-        ours = run_one(OurServer(root / "ours", workers=args.workers), args)
+        ours = run_one(OurServer(root / "ours", workers=args.workers,
+                                     settings=args.set), args)
         report(ours)
         results.append(ours)
         ok = ok and ours["drained"] and ours["landed"] >= ours["expected"]

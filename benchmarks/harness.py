@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,9 @@ class OurServer:
     def __init__(self, root: Path, workers: int | None = None, user: str = "bench",
                  relay_to: int | None = None, max_size: int = 64 * 1024 * 1024,
                  level: str = "info", concurrency: int = 8,
-                 per_destination: int | None = None) -> None:
+                 per_destination: int | None = None,
+                 settings: Sequence[str] = ()) -> None:
+        """``settings``: ``dotted.key=value`` overrides (YAML values), as ``--set`` gives them."""
         self.root = root
         self.port = free_port()
         self.user = user
@@ -219,6 +221,15 @@ class OurServer:
                 # stdout into a pipe we drain (like journald): a log *file* on a disk that
                 # other processes fsync heavily blocks the reactor in write(2) (measured).
                 "logging": {"format": "text", "level": level, "file": "stdout"}}
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep:
+                raise ValueError(f"--set wants KEY=VALUE, got {setting!r}")
+            node = conf
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(conf, sort_keys=False))
         self.management_port = conf["management"]["server"]["port"]

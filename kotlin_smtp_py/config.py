@@ -104,6 +104,7 @@ class SpoolConfig:
     workerConcurrency: int = 1
     triggerCooldownMillis: int = 1000
     ioThreads: int = 1
+    directLocalDelivery: bool = True
     redis: RedisSpoolConfig = field(default_factory=RedisSpoolConfig)
 
 

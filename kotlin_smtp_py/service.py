@@ -31,6 +31,7 @@ from kotlin_smtp_py.inbound.proxy import ProxyWrappingFactory
 from kotlin_smtp_py.inbound.relaypolicy import RelayAccessPolicy
 from kotlin_smtp_py.interfaces import IAuthChecker, IDelivery, ISpool
 from kotlin_smtp_py.local.delivery import LocalDelivery
+from kotlin_smtp_py.local.direct import DirectLocalDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory, read_list
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEvents
@@ -53,6 +54,7 @@ from kotlin_smtp_py.redisconn import RedisClient, RedisHealthIndicator
 from kotlin_smtp_py.routing import DeliveryRouter
 from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
 from kotlin_smtp_py.spool.file import FileSpool
+from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.spool.redis import RedisSpool
 from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
 from kotlin_smtp_py.status import SmtpReply
@@ -278,11 +280,20 @@ class SmtpService(service.MultiService):
         self.recipient_policy = RecipientPolicy(self.router.is_local_domain, self.directory,
                                                 self._relay_allowed if relay else None)
         self.bouncer = SpoolBouncer(self.spool, s.hostname, self.clock, self.metrics)
+        spool_events = MetricsSpoolEvents(self.metrics)
         self.scheduler = Scheduler(
             self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
             retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
-            clock=self.clock, events=MetricsSpoolEvents(self.metrics),  # type: ignore[arg-type]
+            clock=self.clock, events=spool_events,  # type: ignore[arg-type]
             archiver=self._archive_sent)
+        self.direct_delivery: DirectLocalDelivery | None = None
+        if s.spool.directLocalDelivery and isinstance(self.spool, FileSpool) and \
+                isinstance(self.local_delivery, LocalDelivery):
+            local = self.local_delivery
+            self.direct_delivery = DirectLocalDelivery(
+                local, lambda rcpt: self.router.route(rcpt)[1] is local,
+                spool_events)  # type: ignore[arg-type]
+            self.spool.direct = self.direct_delivery
         self.metrics.pending_fn = self.spool.pending_count
         backend = spool_backend(c)
         self.readiness = Readiness([SpoolIndicator(self.spool, backend=backend)])
@@ -371,7 +382,7 @@ class SmtpService(service.MultiService):
             max_size=self._max_size(), max_recipients=s.limits.maxRecipients,
             max_line=s.limits.maxCommandLineLength, tls_context=self.tls_context,
             handshake_timeout_ms=s.ssl.handshakeTimeoutMs, clock=self.reactor,
-            events=self.session_events, on_accepted=lambda _: self.scheduler.trigger())
+            events=self.session_events, on_accepted=self._accepted)
         if s.features.etrnEnabled:
             factory.etrn = self._etrn
         if s.features.vrfyEnabled:
@@ -386,6 +397,12 @@ class SmtpService(service.MultiService):
         factory.interceptors = self.interceptors
         factory.archive_owner = self._archive_owner  # type: ignore[method-assign]
         return factory
+
+    def _accepted(self, entry: QueueEntry) -> None:
+        if entry.delivered_directly and self.direct_delivery is not None:
+            self.direct_delivery.report(entry)
+        if entry.pending:
+            self.scheduler.trigger()
 
     def _max_size(self) -> int:
         limit = self.config.smtp.limits.maxMessageSizeBytes

@@ -26,8 +26,10 @@ MAX_LIST_DEPTH = 8
 Result = tuple[Recipient, DeliveryStatus]
 
 
-def _header_addr(addr: str) -> bytes:
-    return addr.encode("utf-8")
+def maildir_prefix(sender: str, recipient: str) -> bytes:
+    """The lines a local delivery puts above the message (RFC 5321 §4.4 Return-Path)."""
+    return (b"Return-Path: <" + sender.encode("utf-8") + b">\r\n"
+            + b"Delivered-To: " + recipient.encode("utf-8") + b"\r\n")
 
 
 @implementer(IDelivery)
@@ -84,8 +86,7 @@ class LocalDelivery:
             return DeliveryStatus.delivered("list has no members"), []
         env = entry.envelope
         for name in local:
-            prefix = (b"Return-Path: <" + _header_addr(env.sender) + b">\r\n"
-                      + b"Delivered-To: " + _header_addr(rcpt.address) + b"\r\n")
+            prefix = maildir_prefix(env.sender, rcpt.address)
             fresh = write_maildir(self.directory.maildir(name),
                                   # One copy per mailbox per message, like Postfix's local(8)
                                   # duplicate elimination (alice, alice+tag, lists with alice).

@@ -48,9 +48,11 @@ def _already_delivered(root: str, name: str) -> bool:
         return False
 
 
-def write_maildir(root: str, name: str, prefix: bytes, message_path: str,
+def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes,
                   check_existing: bool = True) -> bool:
-    """Deliver ``prefix`` + the message file into Maildir ``root``; False if already there.
+    """Deliver ``prefix`` + the message into Maildir ``root``; False if already there.
+
+    ``message`` is the path of a file holding the message, or the message itself.
 
     ``check_existing`` False skips looking for an earlier copy in ``new/`` and ``cur/`` (a scan
     of ``cur/``): for a first delivery attempt, where none can exist. A copy in ``new/`` is
@@ -65,10 +67,13 @@ def write_maildir(root: str, name: str, prefix: bytes, message_path: str,
     tmp = os.path.join(root, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        write_all(fd, prefix)
-        with open(message_path, "rb") as src:
-            while chunk := src.read(COPY_CHUNK):
-                write_all(fd, chunk)
+        if isinstance(message, bytes):
+            write_all(fd, prefix + message)
+        else:
+            write_all(fd, prefix)
+            with open(message, "rb") as src:
+                while chunk := src.read(COPY_CHUNK):
+                    write_all(fd, chunk)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kotlin_smtp_py.diskio import DiskIO, sync_dir, write_all
-from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id, unique_hex
+from kotlin_smtp_py.envelope import Envelope, Recipient, is_queue_id, new_queue_id, unique_hex
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
 from kotlin_smtp_py.spool.dueindex import DueIndex
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
@@ -93,13 +93,16 @@ class FileSpoolWriter:
                            next_attempt=now, created=now)
         fh, self._fh = self._fh, None
         head, self._head = bytes(self._head), bytearray()
-        d = self._spool.disk_io.submit_urgent(self._spool.commit_sync, fh, self._path, entry,
-                                              head)
+        spool = self._spool
+        candidates = spool.direct.candidates(envelope) if spool.direct is not None else ()
+        d: defer.Deferred[QueueEntry] = spool.disk_io.submit_urgent(
+            spool.accept_sync, fh, self._path, entry, head, candidates)
 
-        def done(_: object) -> QueueEntry:
-            self._spool.index_add(entry)
-            self._spool.remember_committed(entry)
-            return entry
+        def done(stored: QueueEntry) -> QueueEntry:
+            if stored.pending:
+                spool.index_add(stored)
+                spool.remember_committed(stored)
+            return stored
 
         def failed(f: Any) -> Any:
             self._spool.discard_sync_quietly(self._path)
@@ -159,6 +162,8 @@ class FileSpool:
         self.disk_io = disk_io
         self.max_message_bytes: int | None = None
         self.corrupt_count = 0
+        # local.direct.DirectLocalDelivery, when smtp.spool.directLocalDelivery is on
+        self.direct: Any = None
         self._merge_scan(self.scan_sync({}, initial=True))
         self._last_scan = self.clock_time()
 
@@ -228,6 +233,27 @@ class FileSpool:
         os.rename(path, eml)
         os.rename(json_tmp, js)
         sync_dir(self.queue_dir)
+
+    def accept_sync(self, fh: Any, path: str, entry: QueueEntry, head: bytes,
+                    candidates: tuple[Recipient, ...]) -> QueueEntry:
+        """Thread: deliver ``candidates`` straight into their Maildirs (``self.direct``), then
+        commit whatever is left; returns the entry as committed (``pending`` empty: nothing
+        was queued, and no file of this message is left in the spool)."""
+        if candidates:
+            if fh is not None:
+                fh.flush()
+            delivered = self.direct.deliver_sync(entry.queue_id, entry.envelope, candidates,
+                                                 head if fh is None else path)
+            if delivered:
+                done = set(delivered)
+                entry = entry.evolve(pending=tuple(r for r in entry.pending if r not in done),
+                                     delivered_directly=delivered)
+        if entry.pending:
+            self.commit_sync(fh, path, entry, head)
+        elif fh is not None:
+            fh.close()
+            os.unlink(path)
+        return entry
 
     # -- ISpool: receiving ---------------------------------------------------------------------
 

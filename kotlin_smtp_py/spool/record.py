@@ -30,6 +30,9 @@ class QueueEntry:
     # Set by a spool when it can prove no delivery of this entry was ever attempted (its first
     # lease); deliveries may then skip duplicate checks. Never stored: False is the safe side.
     first_delivery: bool = field(default=False, compare=False)
+    # Recipients whose Maildir copy was written before the 250 (local.direct); they are not
+    # in ``pending``. Never stored: it describes the commit that returned this value.
+    delivered_directly: tuple[Recipient, ...] = field(default=(), compare=False)
 
     def to_json_bytes(self) -> bytes:
         data: dict[str, Any] = {

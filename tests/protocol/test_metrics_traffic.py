@@ -65,7 +65,8 @@ def test_metrics_follow_real_traffic(make_server: Any) -> None:
 
 
 def test_spool_pending_and_failures_by_reason(make_server: Any) -> None:
-    srv = make_server({"smtp": {"spool": {"maxRetries": 0}}})
+    # Queued, not delivered before the 250 (local.direct), so there is a queue to watch.
+    srv = make_server({"smtp": {"spool": {"maxRetries": 0, "directLocalDelivery": False}}})
     mport = srv.service.management_port.getHost().port
     srv.service.scheduler.paused = True
     with smtplib.SMTP("127.0.0.1", srv.port) as s:

@@ -1,0 +1,96 @@
+"""Direct local delivery: local recipients get their Maildir copy before the 250, not after.
+
+For mail to our own mailboxes the queue is only a detour: the spool commit writes and fsyncs
+the message and its envelope, and a moment later the scheduler leases the entry, writes and
+fsyncs the Maildir copy and deletes the entry again (about 3.6 fsyncs, 5 file creations and 4
+unlinks per message, measured). The Maildir copy, fsync'd and linked into ``new/`` with the
+directory fsync'd, is itself durable storage, so when it is written before the 250 the promise
+of the 250 holds and nothing needs queueing.
+
+What goes direct, decided per recipient:
+- the router sends it to the built-in :class:`LocalDelivery` (not a plugin, not the relay);
+- it expands to local mailboxes only (a list with a remote member is queued, so the remote part
+  is relayed as usual);
+- it did not ask for a success DSN (NOTIFY=SUCCESS needs the scheduler's notice);
+- the message is not owed a sent-archive copy (``archive_owner``: the scheduler makes it).
+
+Everything else, and every recipient whose write fails, is committed to the spool in the same
+disk job and delivered (or retried, or bounced) by the scheduler as before: the fallback is the
+normal path, so no failure ends in silence. A recipient written here is never queued as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from twisted.logger import Logger
+
+from kotlin_smtp_py.envelope import Envelope, Recipient
+from kotlin_smtp_py.local.delivery import LocalDelivery, maildir_prefix
+from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
+from kotlin_smtp_py.spool.record import QueueEntry
+from kotlin_smtp_py.spool.scheduler import SpoolEvents
+from kotlin_smtp_py.status import DeliveryStatus
+
+log = Logger()
+
+
+class DirectLocalDelivery:
+    """Used by the file spool's commit (``smtp.spool.directLocalDelivery``)."""
+
+    def __init__(self, local: LocalDelivery, routes_to_local: Callable[[Recipient], bool],
+                 events: SpoolEvents | None = None) -> None:
+        """``routes_to_local``: whether the router hands a recipient to ``local``."""
+        self.local = local
+        self.routes_to_local = routes_to_local
+        self.events = events or SpoolEvents()
+
+    def candidates(self, envelope: Envelope) -> tuple[Recipient, ...]:
+        """Reactor thread: the recipients that may go direct (routing plugins need not be
+        thread-safe, so this is decided here; the file system is asked on the I/O thread)."""
+        if envelope.archive_owner:
+            return ()
+        return tuple(r for r in envelope.recipients
+                     if "SUCCESS" not in r.notify and self.routes_to_local(r))
+
+    def deliver_sync(self, queue_id: str, envelope: Envelope, candidates: Sequence[Recipient],
+                     source: bytes | str) -> tuple[Recipient, ...]:
+        """I/O thread: write every candidate's copies; returns the recipients fully written.
+
+        Stops at the first failed write, so the rest is queued (``source``: the message, or
+        the path of a file holding it). The caller's disk job fsyncs the ``new/``
+        directories before it reports success (``diskio.sync_dir``)."""
+        done: list[Recipient] = []
+        for rcpt in candidates:
+            mailboxes, remote = self.local.expand(rcpt.address)
+            if remote or not mailboxes:
+                continue  # lists with remote members, unknown users: the scheduler's job
+            prefix = maildir_prefix(envelope.sender, rcpt.address)
+            try:
+                for name in mailboxes:
+                    # No earlier copy can exist: this queue id was never queued or leased.
+                    write_maildir(self.local.directory.maildir(name),
+                                  maildir_name(queue_id, name, envelope.received_at),
+                                  prefix, source, check_existing=False)
+            except OSError as exc:
+                log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
+                         "{error}", queue_id=queue_id, recipient=rcpt.address, error=str(exc))
+                break
+            done.append(rcpt)
+        return tuple(done)
+
+    def report(self, entry: QueueEntry) -> None:
+        """Reactor thread, after the 250: the same metrics and log lines as a delivery by the
+        scheduler, so dashboards and log searches see no difference."""
+        for rcpt in entry.delivered_directly:
+            status = DeliveryStatus.delivered("delivered to mailbox before acceptance")
+            self.events.delivery_result(entry, rcpt, status)
+            log.info("delivery {queue_id} to {recipient}: {status} {reason}",
+                     queue_id=entry.queue_id, recipient=rcpt.address,
+                     status=f"{status.code} {status.enhanced} {status.text}", reason="",
+                     attempt=1, event="delivery_attempt")
+        if not entry.pending:
+            self.events.entry_finished(entry, "completed", 0.0)
+            log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id,
+                     outcome="completed", event="entry_finished")
+
