@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from benchmarks.harness import (
     OurServer,
     PostfixServer,
     TreeStats,
+    bench_root,
     free_port,
     loadavg,
     postfix_missing,
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="smtp.relay.maxConnectionsPerDestination (per process; default: 20 "
                          "in total over all processes, like Postfix)")
     args = ap.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="kotlin-smtp-drain-"))
-    os.chmod(root, 0o755)
+    root = bench_root("kotlin-smtp-drain-")
     try:
         drain_ours(root, args.messages, args.body_bytes, args.workers, args.limit_seconds,
                    args.concurrency, args.per_destination)

@@ -18,9 +18,7 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
@@ -30,6 +28,7 @@ from benchmarks.harness import (
     OurServer,
     PostfixServer,
     TreeStats,
+    bench_root,
     loadavg,
     postfix_missing,
     run_smtp_source,
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.loader == "auto":
         args.loader = "smtp-source" if os.path.exists(SMTP_SOURCE) else "smtpload"
-    root = Path(tempfile.mkdtemp(prefix="kotlin-smtp-bench-"))
-    os.chmod(root, 0o755)
+    root = bench_root("kotlin-smtp-bench-")
     print(f"workload: {args.clients} clients, {args.messages} messages of {args.body_bytes} "
           f"bytes, {'persistent connections' if args.persistent else 'connection per message'}"
           f", loader {args.loader}, cores {os.cpu_count()}, loadavg {loadavg()}")

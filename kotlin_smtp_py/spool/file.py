@@ -4,8 +4,15 @@ Layout under ``smtp.spool.dir``::
 
     tmp/      messages being received (``<id>.eml``) and envelope files being written
     queue/    committed entries: ``<id>.eml`` (raw message) and ``<id>.json`` (QueueEntry)
-    locks/    ``<id>.lock``: flock(2) leases; the kernel drops them when a holder dies
     corrupt/  entries whose envelope cannot be read, moved aside for an operator
+
+Leases are flock(2) locks on ``queue/<id>.eml`` (the kernel drops them when a holder dies).
+The message file is never replaced while its entry exists, unlike the envelope, so its lock
+covers the entry's whole life. The first lease sets the file's sticky bit, so a lease that
+finds it clear knows no delivery was ever attempted. (Up to 0.3 the leases were separate
+``locks/<id>.lock`` files: one more file created and removed per entry, and ext4 without a
+journal charges every file creation for the inodes freed in the last minutes, which made a
+queue drain pay quadratically; stale ones are removed at start-up.)
 
 Invariants:
 - An entry exists exactly when ``queue/<id>.json`` exists. Commit writes and fsyncs both files in
@@ -14,9 +21,10 @@ Invariants:
   (group commit: one per I/O batch, see ``diskio``) and every fsync runs on a disk I/O thread,
   never on the reactor thread.
 - Every state change of an entry is an atomic rename of a fully written, fsync'd file.
-- A process may act on an entry only while it holds the entry's flock; several processes can
-  share one spool directory. The in-memory due index is refreshed by a periodic scan so entries
-  written by other processes are picked up.
+- A process may act on an entry only while it holds the flock on its message file; several
+  processes can share one spool directory. An entry ends by unlinking its envelope first, so
+  a process that gets the lock after it finds the envelope gone. The in-memory due index is
+  refreshed by a periodic scan so entries written by other processes are picked up.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,11 +150,10 @@ class FileSpool:
         self.directory = os.path.abspath(directory)
         self.tmp_dir = os.path.join(self.directory, "tmp")
         self.queue_dir = os.path.join(self.directory, "queue")
-        self.lock_dir = os.path.join(self.directory, "locks")
+        self.lock_dir = os.path.join(self.directory, "locks")  # up to 0.3; emptied at start
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
         self.request_dir = os.path.join(self.directory, "requests")
-        for d in (self.tmp_dir, self.queue_dir, self.lock_dir, self.corrupt_dir,
-                  self.request_dir):
+        for d in (self.tmp_dir, self.queue_dir, self.corrupt_dir, self.request_dir):
             os.makedirs(d, exist_ok=True)
         self._reactor: Any = reactor
         self.clock: Any = clock if clock is not None else reactor
@@ -175,10 +183,9 @@ class FileSpool:
     def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return self.disk_io.submit(fn, *args)
 
-    def _paths(self, queue_id: str) -> tuple[str, str, str]:
+    def _paths(self, queue_id: str) -> tuple[str, str]:
         return (os.path.join(self.queue_dir, queue_id + ".eml"),
-                os.path.join(self.queue_dir, queue_id + ".json"),
-                os.path.join(self.lock_dir, queue_id + ".lock"))
+                os.path.join(self.queue_dir, queue_id + ".json"))
 
     def index_add(self, entry: QueueEntry) -> None:
         self._index.set(entry.queue_id, entry.next_attempt, own=True)
@@ -229,7 +236,7 @@ class FileSpool:
             finally:
                 fh.close()
         json_tmp = self._write_json_sync(entry)
-        eml, js, _ = self._paths(entry.queue_id)
+        eml, js = self._paths(entry.queue_id)
         os.rename(path, eml)
         os.rename(json_tmp, js)
         sync_dir(self.queue_dir)
@@ -327,6 +334,12 @@ class FileSpool:
         with os.scandir(self.tmp_dir) as it:
             for e in it:
                 self._remove_if_stale(e.path, now)
+        try:
+            with os.scandir(self.lock_dir) as it:
+                for e in it:
+                    self._remove_if_stale(e.path, now)
+        except FileNotFoundError:
+            pass
 
     @staticmethod
     def _remove_if_stale(path: str, now: float) -> None:
@@ -338,7 +351,7 @@ class FileSpool:
             pass
 
     def _read_entry_sync(self, queue_id: str) -> QueueEntry | None:
-        _, js, _ = self._paths(queue_id)
+        _, js = self._paths(queue_id)
         try:
             with open(js, "rb") as fh:
                 raw = fh.read()
@@ -375,15 +388,13 @@ class FileSpool:
         return self._lock_first_sync(queue_id)[0]
 
     def _lock_first_sync(self, queue_id: str) -> tuple[int | None, bool]:
-        """(lock fd or None, whether this call created the lock file). Lock files live until the
-        entry completes, so creating one proves nobody ever held a lease on the entry before."""
-        _, js, lock = self._paths(queue_id)
-        created = True
+        """(lock fd or None, whether this is the entry's first lease ever). The lock is on the
+        message file; its sticky bit, set by the first lease, records that one existed."""
+        eml, js = self._paths(queue_id)
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileExistsError:
-            created = False
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+            fd = os.open(eml, os.O_RDONLY)
+        except FileNotFoundError:
+            return None, False  # completed (or never committed)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -391,12 +402,20 @@ class FileSpool:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return None, False
             raise
-        if not os.path.exists(js):  # completed by someone else between scan and lock
-            if created:
-                self.discard_sync_quietly(lock)
+        try:
+            if not os.path.exists(js):  # completed by someone else between scan and lock
+                os.close(fd)
+                return None, False
+            mode = os.fstat(fd).st_mode
+            first = not mode & stat.S_ISVTX
+            if first:
+                # Not fsync'd: lost only to a power failure, and then a redelivery merely
+                # skips the duplicate scan of cur/ (a copy still in new/ is caught anyway).
+                os.fchmod(fd, stat.S_IMODE(mode) | stat.S_ISVTX)
+        except BaseException:
             os.close(fd)
-            return None, False
-        return fd, created
+            raise
+        return fd, first
 
     def _claim_sync(self, queue_id: str,
                     committed: QueueEntry | None = None) -> tuple[Claim, int] | bool:
@@ -442,14 +461,14 @@ class FileSpool:
         return held
 
     def _complete_sync(self, claim: Claim, held: _Held) -> None:
-        eml, js, lock = self._paths(claim.entry.queue_id)
+        eml, js = self._paths(claim.entry.queue_id)
         try:
             # No directory fsync here: the delivery itself is already durable, and an unlink
             # lost to a power failure means a redelivery (Maildir names make that a no-op
             # locally; SMTP tolerates duplicates over loss), like Postfix's queue removal.
+            # The envelope goes first: it is what makes the entry exist (see _lock_first_sync).
             os.unlink(js)
             self.discard_sync_quietly(eml)
-            self.discard_sync_quietly(lock)
         finally:
             os.close(held.fd)
 

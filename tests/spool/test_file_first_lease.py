@@ -1,9 +1,12 @@
-"""File spool: a first lease is recognisable (lock file created by it), and Maildir duplicate
-checks rely on that: a first delivery skips them, any later one still finds earlier copies."""
+"""File spool: a first lease is recognisable (it sets the message file's sticky bit), and
+Maildir duplicate checks rely on that: a first delivery skips them, any later one still finds
+earlier copies. A lease creates no file."""
 
 from __future__ import annotations
 
 import os
+import stat
+import time
 from pathlib import Path
 
 from helpers import on_reactor
@@ -84,3 +87,29 @@ def test_redelivery_finds_a_copy_the_reader_moved_to_cur(tmp_path: Path) -> None
                              check_existing=False)
     assert _maildir_files(box) == ["100.QabcRdef.host:2,S", "200.QxyzRdef.host"]
     assert list((box / "tmp").iterdir()) == []
+
+
+def test_a_lease_creates_no_file_and_old_lock_files_are_cleared(tmp_path: Path,
+                                                                reactor_thread: None) -> None:
+    """Leases lock the message file itself: on ext4 without a journal every file creation
+    pays for recently freed inodes, so a drain that created a lock file per entry slowed down
+    as it went. Lock files left by older versions go at start-up once stale."""
+    root = tmp_path / "spool"
+    (root / "locks").mkdir(parents=True)
+    stale = root / "locks" / "0123456789abcdef.lock"
+    stale.write_bytes(b"")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    spool = on_reactor(FileSpool, str(root))
+    assert not stale.exists()
+    entry = store(spool)
+
+    def files() -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    before = files()
+    claim = on_reactor(spool.claim, entry.queue_id)
+    assert claim is not None and files() == before
+    eml = root / "queue" / f"{entry.queue_id}.eml"
+    assert eml.stat().st_mode & stat.S_ISVTX  # the mark of a lease having existed
+    on_reactor(spool.complete, claim)
+    assert files() == []
