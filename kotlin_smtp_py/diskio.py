@@ -43,7 +43,7 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """``os.write`` until every byte is written (a write may take only part)."""
     view = memoryview(data)
     while view:

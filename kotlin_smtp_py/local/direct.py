@@ -54,7 +54,7 @@ class DirectLocalDelivery:
                      if "SUCCESS" not in r.notify and self.routes_to_local(r))
 
     def deliver_sync(self, queue_id: str, envelope: Envelope, candidates: Sequence[Recipient],
-                     source: bytes | str) -> tuple[Recipient, ...]:
+                     source: bytes | bytearray | str) -> tuple[Recipient, ...]:
         """I/O thread: write every candidate's copies; returns the recipients fully written.
 
         Stops at the first failed write, so the rest is queued (``source``: the message, or
