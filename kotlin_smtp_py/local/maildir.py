@@ -1,4 +1,9 @@
-"""Maildir writing: tmp → fsync → link into new/ (RFC-less but Dovecot-compatible convention).
+"""Maildir writing: write → fsync → link into new/ (RFC-less but Dovecot-compatible convention).
+
+The copy is written into an unnamed file in ``new/`` (``O_TMPFILE``) and given its name with
+``linkat(2)``, where the kernel and ``/proc`` allow it (probed once per process); elsewhere into
+``tmp/<name>``, linked into ``new/`` and unlinked from ``tmp/``, as the Maildir convention says.
+Either way a reader never sees a partial message.
 
 File names are derived from the queue id and the recipient, so a redelivery of the same queue
 entry after a crash finds the earlier copy and does not create a duplicate: ``link(2)`` into
@@ -8,6 +13,7 @@ prefix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -15,17 +21,22 @@ import re
 import socket
 
 from kotlin_smtp_py.diskio import sync_dir, write_all
+from kotlin_smtp_py.envelope import unique_hex
 
 COPY_CHUNK = 1 << 20
 SMALL_MESSAGE = 64 * 1024
 _SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
 
 
+_host: list[str] = []  # gethostname(2) once per process, not once per copy
+
+
 def maildir_name(queue_id: str, recipient: str, received_at: float) -> str:
     """Deterministic unique name: ``<time>.Q<queue id>R<recipient hash>.<host>``."""
     digest = hashlib.sha1(recipient.lower().encode("utf-8")).hexdigest()[:12]
-    host = _SAFE_HOST.sub("_", socket.gethostname()) or "localhost"
-    return f"{int(received_at)}.Q{queue_id}R{digest}.{host}"
+    if not _host:
+        _host.append(_SAFE_HOST.sub("_", socket.gethostname()) or "localhost")
+    return f"{int(received_at)}.Q{queue_id}R{digest}.{_host[0]}"
 
 
 def copy_file(src: int, dst: int) -> None:
@@ -43,14 +54,53 @@ def copy_file(src: int, dst: int) -> None:
 
 
 _known_maildirs: set[str] = set()
+# Whether an unnamed file (O_TMPFILE) in new/ can be given its name with linkat(2) through
+# /proc/self/fd here; None until the first Maildir of the process has been tried.
+_unnamed_files: list[bool] = []
 
 
-def ensure_maildir(root: str) -> None:
-    if root in _known_maildirs and os.path.isdir(os.path.join(root, "tmp")):
+def ensure_maildir(root: str, fresh: bool = False) -> None:
+    """Create ``tmp``, ``new`` and ``cur`` once per process (``fresh``: again, because a write
+    found one missing: an operator removed the mailbox while we run)."""
+    if root in _known_maildirs and not fresh:
         return
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
     _known_maildirs.add(root)
+    if not _unnamed_files:
+        _unnamed_files.append(_probe_unnamed_files(os.path.join(root, "new")))
+
+
+def _probe_unnamed_files(directory: str) -> bool:
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError:
+        return False  # EOPNOTSUPP (file system), EISDIR/EINVAL (kernel)
+    probe = os.path.join(directory, f".probe-{os.getpid()}-{unique_hex(4)}")
+    try:
+        _link_unnamed(fd, probe)
+    except OSError:
+        return False  # no /proc (some sandboxes)
+    finally:
+        os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _link_unnamed(fd: int, dest: str) -> None:
+    # linkat(2) with AT_SYMLINK_FOLLOW through /proc. Python calls plain link(2) (which
+    # refuses with EXDEV) unless a dir fd is given; the absolute source path ignores it.
+    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+
+
+def _create(root: str, name: str) -> tuple[int, str | None]:
+    """An fd to write the copy into, and its tmp/ path (None: an unnamed file in new/, which
+    no reader can see before it is linked, and which vanishes by itself if we die first;
+    it also spares a directory entry created and removed in tmp/ per copy)."""
+    if _unnamed_files and _unnamed_files[0]:
+        return os.open(os.path.join(root, "new"), os.O_TMPFILE | os.O_WRONLY, 0o600), None
+    tmp = os.path.join(root, "tmp", name)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), tmp
 
 
 def _already_delivered(root: str, name: str) -> bool:
@@ -79,8 +129,12 @@ def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes | by
     ensure_maildir(root)
     if check_existing and _already_delivered(root, name):
         return False
-    tmp = os.path.join(root, "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd, tmp = _create(root, name)
+    except FileNotFoundError:
+        ensure_maildir(root, fresh=True)
+        fd, tmp = _create(root, name)
+    dest = os.path.join(root, "new", name)
     try:
         if isinstance(message, str):
             write_all(fd, prefix)
@@ -92,15 +146,17 @@ def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes | by
             write_all(fd, prefix)
             write_all(fd, message)
         os.fsync(fd)
+        # link(2), never rename: an existing copy (a redelivery) must win, not be replaced.
+        if tmp is None:
+            _link_unnamed(fd, dest)
+        else:
+            os.link(tmp, dest)
+    except FileExistsError:
+        return False
     finally:
         os.close(fd)
-    try:
-        os.link(tmp, os.path.join(root, "new", name))
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
-        os.unlink(tmp)
-        return False
-    os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     sync_dir(os.path.join(root, "new"))
     return True
