@@ -20,12 +20,13 @@ def spool_files(srv: Server) -> list[str]:
 
 
 def break_maildir(srv: Server, user: str) -> None:
-    """Maildir/tmp as a regular file: every write into this mailbox fails (we run as root, so
-    permissions would not stop us)."""
+    """Maildir/new as a regular file: every write into this mailbox fails, whether the copy
+    is made in tmp/ or as an unnamed file in new/ (we run as root, so permissions would not
+    stop us). Copies already delivered are lost from view; check them before."""
     maildir = srv.maildir(user)
     maildir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(maildir / "tmp", ignore_errors=True)
-    (maildir / "tmp").write_text("not a directory")
+    shutil.rmtree(maildir / "new", ignore_errors=True)
+    (maildir / "new").write_text("not a directory")
 
 
 def pending_of(path: Any) -> list[str]:
@@ -66,7 +67,7 @@ def test_a_failed_mailbox_write_is_queued_and_delivered_later_once(make_server: 
     assert len(srv.messages("alice")) == 1
     (entry,) = srv.spool_entries()
     assert pending_of(entry) == ["bob@localhost"]  # alice is not queued a second time
-    (srv.maildir("bob") / "tmp").unlink()
+    (srv.maildir("bob") / "new").unlink()
     srv.service.scheduler.paused = False
     srv.wait_messages("bob", 1)
     wait_until(lambda: srv.spool_entries() == [], message="entry completed")
@@ -118,6 +119,7 @@ def test_spool_not_needed_for_direct_mail_but_451_when_both_fail(make_server: An
     c.cmd("EHLO client.test")
     for expected in (250, 451):
         if expected == 451:
+            assert len(srv.messages("alice")) == 1
             break_maildir(srv, "alice")  # now the fallback, the spool, is needed and broken
         c.cmd("MAIL FROM:<a@remote.test>")
         c.cmd("RCPT TO:<alice@localhost>")
@@ -126,5 +128,4 @@ def test_spool_not_needed_for_direct_mail_but_451_when_both_fail(make_server: An
         code, lines = c.reply()
         assert code == expected, lines
     assert lines[0].startswith("4.3.0")
-    assert len(srv.messages("alice")) == 1
     assert c.cmd("NOOP")[0] == 250
