@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
+    SETTLE_SECONDS,
     SMTP_SINK,
     OurServer,
     PostfixServer,
@@ -29,6 +29,7 @@ from benchmarks.harness import (
     free_port,
     loadavg,
     postfix_missing,
+    remove_bench_root,
     run_smtp_source,
     wait_until,
 )
@@ -150,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-destination", type=int, default=fair,
                     help="smtp.relay.maxConnectionsPerDestination (per process; default: 20 "
                          "in total over all processes, like Postfix)")
+    ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                    help="seconds since the last run's files were removed to wait for before "
+                         "starting (ext4 without a journal; see benchmarks/harness.py)")
     args = ap.parse_args(argv)
-    root = bench_root("kotlin-smtp-drain-")
+    root = bench_root("kotlin-smtp-drain-", args.settle)
     try:
         drain_ours(root, args.messages, args.body_bytes, args.workers, args.limit_seconds,
                    args.concurrency, args.per_destination)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         elif why:
             print(f"[postfix] skipped: {why}")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_bench_root(root)
     return 0
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Any
 
 from benchmarks.harness import (
+    SETTLE_SECONDS,
     SMTP_SOURCE,
     LatencyProbe,
     LoadResult,
@@ -31,6 +31,7 @@ from benchmarks.harness import (
     bench_root,
     loadavg,
     postfix_missing,
+    remove_bench_root,
     run_smtp_source,
     run_smtpload,
     wait_until,
@@ -125,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for our server, e.g. smtp.spool.ioThreads=4 "
                          "(repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                    help="seconds since the last run's files were removed to wait for before "
+                         "starting (ext4 without a journal; see benchmarks/harness.py)")
     args = ap.parse_args(argv)
     if args.loader == "auto":
         args.loader = "smtp-source" if os.path.exists(SMTP_SOURCE) else "smtpload"
-    root = bench_root("kotlin-smtp-bench-")
+    root = bench_root("kotlin-smtp-bench-", args.settle)
     print(f"workload: {args.clients} clients, {args.messages} messages of {args.body_bytes} "
           f"bytes, {'persistent connections' if args.persistent else 'connection per message'}"
           f", loader {args.loader}, cores {os.cpu_count()}, loadavg {loadavg()}")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {root}")
         else:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_bench_root(root)
     return 0 if ok else 1
 
 

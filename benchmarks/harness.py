@@ -35,25 +35,38 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-BENCH_BASE = Path(tempfile.gettempdir()) / "kotlin-smtp-bench"
+BENCH_BASE = Path(os.environ.get("BENCH_DIR") or tempfile.gettempdir()) / "kotlin-smtp-bench"
+_LAST_REMOVAL = BENCH_BASE / ".last-removal"
+# ext4 without a journal (this VM's root file system) will not reuse an inode freed in the
+# last 60 s (300 s while its inode-table block is dirty, which new files in the same group keep
+# it) and checks every such inode of the group on each file creation. Right after a run
+# removed its ~10,000 files, creating a file cost us (and Postfix) several times its normal
+# CPU (perf: recently_deleted, find_inode_bit in openat): W1 halved, and back-to-back runs
+# disagreed by 2x. BENCH_DIR=/some/dir runs the benchmarks on another file system.
+SETTLE_SECONDS = 300.0
 
 
-def bench_root(prefix: str) -> Path:
-    """A fresh directory for one benchmark run, in a block group of its own where we can.
-
-    ext4 without a journal (this VM's root file system) will not reuse an inode freed in the
-    last 60-300 s, and checks every such inode in the group on each file creation: right after
-    an earlier run removed its ~10,000 files, creating a file cost us (and Postfix) several
-    times its normal CPU (``perf``: ``recently_deleted``, ``find_inode_bit``), which halved
-    W1. ``chattr +T`` marks the base as a top of hierarchies, so the Orlov allocator spreads
-    each run's directory to another group instead of next to the last run's freed inodes.
-    Best effort: elsewhere it fails silently and runs are only less repeatable."""
+def bench_root(prefix: str, settle: float = SETTLE_SECONDS) -> Path:
+    """A fresh directory for one benchmark run, after waiting until the last run's removal
+    is ``settle`` seconds old (see SETTLE_SECONDS). Other deletions on the same file system
+    (the test suite, say) are not tracked: measure on a quiet machine."""
     BENCH_BASE.mkdir(mode=0o755, exist_ok=True)
-    subprocess.run(["chattr", "+T", str(BENCH_BASE)], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
+    try:
+        wait = settle - (time.time() - _LAST_REMOVAL.stat().st_mtime)
+    except FileNotFoundError:
+        wait = 0.0
+    if wait > 0:
+        print(f"waiting {wait:.0f}s for the file system to forget the last run's deleted "
+              f"files (--settle)", flush=True)
+        time.sleep(wait)
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=BENCH_BASE))
     os.chmod(root, 0o755)
     return root
+
+
+def remove_bench_root(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    _LAST_REMOVAL.touch()
 
 
 def free_port() -> int:
