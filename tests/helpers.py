@@ -96,17 +96,19 @@ def listen_udp_and_tcp(reactor: Any, udp_protocol: Any, tcp_factory: Any,
                        interface: str = "127.0.0.1", attempts: int = 50) -> tuple[Any, Any]:
     """UDP and TCP listeners on one port number (a DNS server), from the reactor thread.
 
-    The kernel picks the UDP port; the TCP port of that number may be taken by someone else
-    (another test's listener, an outgoing connection's ephemeral port), so retry a bounded
-    number of times instead of failing the whole session's fixtures."""
+    The kernel picks the TCP port; the UDP port of that number may be taken by someone else,
+    so retry a bounded number of times instead of failing the whole session's fixtures. TCP
+    goes first because a factory may be listened with again at once, while a UDP protocol
+    whose port was stopped keeps its transport until the reactor's next turn (Twisted asserts
+    on reuse: that failed 38 tests' fixtures in one run when the retry was the other way)."""
     from twisted.internet.error import CannotListenError
 
     for _ in range(attempts):
-        udp = reactor.listenUDP(0, udp_protocol, interface=interface)
+        tcp = reactor.listenTCP(0, tcp_factory, interface=interface)
         try:
-            return udp, reactor.listenTCP(udp.getHost().port, tcp_factory, interface=interface)
-        except CannotListenError:
-            udp.stopListening()
+            return reactor.listenUDP(tcp.getHost().port, udp_protocol, interface=interface), tcp
+        except CannotListenError:  # raised by bind(2), before the protocol is attached
+            tcp.stopListening()
     raise RuntimeError(f"no port free for both UDP and TCP after {attempts} attempts")
 
 
