@@ -51,13 +51,17 @@ class DataDecoder:
         """Consume ``data``; returns None while the message continues, else the bytes that
         followed the terminator (pipelined commands)."""
         buf = self._pending
-        buf += data
-        last_lf = buf.rfind(b"\n")
-        if last_lf < 0:
-            self._check_partial(buf)
-            return None
-        block = bytes(buf[:last_lf + 1])
-        del buf[:last_lf + 1]
+        if not buf and isinstance(data, bytes) and data.endswith(b"\n"):
+            block = data  # whole lines and nothing held back: no copy at all
+        else:
+            buf += data
+            last_lf = buf.rfind(b"\n")
+            if last_lf < 0:
+                self._check_partial(buf)
+                return None
+            with memoryview(buf) as view:
+                block = bytes(view[:last_lf + 1])  # one copy (a bytearray slice made two)
+            del buf[:last_lf + 1]
         end = self._find_end(block)
         if end is None:
             self._content(block)
@@ -116,11 +120,9 @@ class DataDecoder:
             self._fail(LINE_TOO_LONG)
         if self.error != OK:
             return
-        if starts_line:
-            block = b"\r\n" + block
+        if starts_line and block.startswith(b"."):
+            block = block[1:]  # the stuffed dot of the first line (no CRLF before it here)
         block = block.replace(b"\r\n.", b"\r\n")
-        if starts_line:
-            block = block[2:]
         self.size += len(block)
         if self.size > self._max_size:
             self._fail(TOO_BIG)
