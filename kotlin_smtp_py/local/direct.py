@@ -54,8 +54,10 @@ class DirectLocalDelivery:
                      if "SUCCESS" not in r.notify and self.routes_to_local(r))
 
     def deliver_sync(self, queue_id: str, envelope: Envelope, candidates: Sequence[Recipient],
-                     source: bytes | bytearray | str) -> tuple[Recipient, ...]:
-        """I/O thread: write every candidate's copies; returns the recipients fully written.
+                     source: bytes | bytearray | str) -> tuple[tuple[Recipient, ...], bool]:
+        """I/O thread: write every candidate's copies; returns the recipients fully written,
+        and whether a write failed (then some copies of a queued recipient may exist: a list
+        with several mailboxes, so its later deliveries must look for them).
 
         Stops at the first failed write, so the rest is queued (``source``: the message, or
         the path of a file holding it). The caller's disk job fsyncs the ``new/``
@@ -75,9 +77,9 @@ class DirectLocalDelivery:
             except OSError as exc:
                 log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
                          "{error}", queue_id=queue_id, recipient=rcpt.address, error=str(exc))
-                break
+                return tuple(done), True
             done.append(rcpt)
-        return tuple(done)
+        return tuple(done), False
 
     def report(self, entry: QueueEntry) -> None:
         """Reactor thread, after the 250: the same metrics and log lines as a delivery by the

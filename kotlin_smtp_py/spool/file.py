@@ -225,19 +225,25 @@ class FileSpool:
         return tmp
 
     def commit_sync(self, fh: Any, path: str, entry: QueueEntry,
-                    head: bytes | bytearray = b"") -> None:
+                    head: bytes | bytearray = b"", attempted: bool = False) -> None:
         """Thread: write and fsync the message (``head``: a message that never spilled into
-        ``fh``), write the envelope, rename both into queue/, sync the directory."""
+        ``fh``), write the envelope, rename both into queue/, sync the directory.
+        ``attempted``: a delivery was already tried, so the entry is committed as if leased
+        before (its first lease will not skip duplicate checks)."""
         if fh is None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 write_all(fd, head)
+                if attempted:
+                    os.fchmod(fd, 0o640 | stat.S_ISVTX)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
             try:
                 fh.flush()
+                if attempted:
+                    os.fchmod(fh.fileno(), 0o640 | stat.S_ISVTX)
                 os.fsync(fh.fileno())
             finally:
                 fh.close()
@@ -252,17 +258,19 @@ class FileSpool:
         """Thread: deliver ``candidates`` straight into their Maildirs (``self.direct``), then
         commit whatever is left; returns the entry as committed (``pending`` empty: nothing
         was queued, and no file of this message is left in the spool)."""
+        failed = False
         if candidates:
             if fh is not None:
                 fh.flush()
-            delivered = self.direct.deliver_sync(entry.queue_id, entry.envelope, candidates,
-                                                 head if fh is None else path)
+            delivered, failed = self.direct.deliver_sync(entry.queue_id, entry.envelope,
+                                                         candidates,
+                                                         head if fh is None else path)
             if delivered:
                 done = set(delivered)
                 entry = entry.evolve(pending=tuple(r for r in entry.pending if r not in done),
                                      delivered_directly=delivered)
         if entry.pending:
-            self.commit_sync(fh, path, entry, head)
+            self.commit_sync(fh, path, entry, head, attempted=failed)
         elif fh is not None:
             fh.close()
             os.unlink(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import smtplib
+import stat
 from typing import Any
 
 from helpers import wait_until
@@ -67,6 +68,9 @@ def test_a_failed_mailbox_write_is_queued_and_delivered_later_once(make_server: 
     assert len(srv.messages("alice")) == 1
     (entry,) = srv.spool_entries()
     assert pending_of(entry) == ["bob@localhost"]  # alice is not queued a second time
+    # A write was tried, so the entry is committed as already leased: its first delivery
+    # will look for copies the failed attempt may have left (a list's other mailboxes).
+    assert entry.with_suffix(".eml").stat().st_mode & stat.S_ISVTX
     (srv.maildir("bob") / "new").unlink()
     srv.service.scheduler.paused = False
     srv.wait_messages("bob", 1)
@@ -94,6 +98,7 @@ def test_recipients_that_cannot_go_direct_are_queued(make_server: Any) -> None:
     assert srv.messages("bob") == []
     (entry,) = srv.spool_entries()
     assert pending_of(entry) == ["team@localhost", "bob@localhost"]
+    assert not entry.with_suffix(".eml").stat().st_mode & stat.S_ISVTX  # nothing was tried
 
 
 def test_big_message_goes_direct_from_its_spill_file(make_server: Any) -> None:
