@@ -84,19 +84,25 @@ class LocalDelivery:
                 return DeliveryStatus.permanent_failure(
                     Reason.RECIPIENT, "no such user here", "5.1.1"), []
             return DeliveryStatus.delivered("list has no members"), []
-        env = entry.envelope
-        for name in local:
-            prefix = maildir_prefix(env.sender, rcpt.address)
+        self.write_copies(entry.queue_id, entry.envelope, rcpt.address, local, message_path,
+                          check_existing=not entry.first_delivery)
+        return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
+
+    def write_copies(self, queue_id: str, envelope: Envelope, address: str,
+                     mailboxes: Sequence[str], message: str | bytes | bytearray,
+                     check_existing: bool) -> None:
+        """Blocking: the copies of one message for ``address`` into ``mailboxes`` (see
+        ``write_maildir`` for ``message`` and ``check_existing``); raises OSError."""
+        prefix = maildir_prefix(envelope.sender, address)
+        for name in mailboxes:
             fresh = write_maildir(self.directory.maildir(name),
                                   # One copy per mailbox per message, like Postfix's local(8)
                                   # duplicate elimination (alice, alice+tag, lists with alice).
-                                  maildir_name(entry.queue_id, name, env.received_at),
-                                  prefix, message_path,
-                                  check_existing=not entry.first_delivery)
+                                  maildir_name(queue_id, name, envelope.received_at),
+                                  prefix, message, check_existing=check_existing)
             log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
-                      queue_id=entry.queue_id, recipient=rcpt.address, mailbox=name,
+                      queue_id=queue_id, recipient=address, mailbox=name,
                       dup="" if fresh else " (already present)", event="delivered")
-        return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
 
     @defer.inlineCallbacks
     def _deliver(self, entry: QueueEntry, message_path: str,

@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from twisted.logger import Logger
 
 from kotlin_smtp_py.envelope import Envelope, Recipient
-from kotlin_smtp_py.local.delivery import LocalDelivery, maildir_prefix
-from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
+from kotlin_smtp_py.local.delivery import LocalDelivery
 from kotlin_smtp_py.spool.record import QueueEntry
-from kotlin_smtp_py.spool.scheduler import SpoolEvents
+from kotlin_smtp_py.spool.scheduler import SpoolEvents, log_delivery, log_finished
 from kotlin_smtp_py.status import DeliveryStatus
 
 log = Logger()
@@ -67,13 +66,10 @@ class DirectLocalDelivery:
             mailboxes, remote = self.local.expand(rcpt.address)
             if remote or not mailboxes:
                 continue  # lists with remote members, unknown users: the scheduler's job
-            prefix = maildir_prefix(envelope.sender, rcpt.address)
             try:
-                for name in mailboxes:
-                    # No earlier copy can exist: this queue id was never queued or leased.
-                    write_maildir(self.local.directory.maildir(name),
-                                  maildir_name(queue_id, name, envelope.received_at),
-                                  prefix, source, check_existing=False)
+                # No earlier copy can exist: this queue id was never queued or leased.
+                self.local.write_copies(queue_id, envelope, rcpt.address, mailboxes, source,
+                                        check_existing=False)
             except OSError as exc:
                 log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
                          "{error}", queue_id=queue_id, recipient=rcpt.address, error=str(exc))
@@ -87,12 +83,8 @@ class DirectLocalDelivery:
         for rcpt in entry.delivered_directly:
             status = DeliveryStatus.delivered("delivered to mailbox before acceptance")
             self.events.delivery_result(entry, rcpt, status)
-            log.info("delivery {queue_id} to {recipient}: {status} {reason}",
-                     queue_id=entry.queue_id, recipient=rcpt.address,
-                     status=f"{status.code} {status.enhanced} {status.text}", reason="",
-                     attempt=1, event="delivery_attempt")
+            log_delivery(entry, rcpt, status, attempt=1)
         if not entry.pending:
             self.events.entry_finished(entry, "completed", 0.0)
-            log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id,
-                     outcome="completed", event="entry_finished")
+            log_finished(entry, "completed")
 

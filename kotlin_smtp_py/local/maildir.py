@@ -55,7 +55,7 @@ def copy_file(src: int, dst: int) -> None:
 
 _known_maildirs: set[str] = set()
 # Whether an unnamed file (O_TMPFILE) in new/ can be given its name with linkat(2) through
-# /proc/self/fd here; None until the first Maildir of the process has been tried.
+# /proc/self/fd here: one element once the first Maildir of the process has been probed.
 _unnamed_files: list[bool] = []
 
 

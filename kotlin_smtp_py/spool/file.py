@@ -230,21 +230,22 @@ class FileSpool:
         ``fh``), write the envelope, rename both into queue/, sync the directory.
         ``attempted``: a delivery was already tried, so the entry is committed as if leased
         before (its first lease will not skip duplicate checks)."""
+        def seal(fd: int) -> None:
+            if attempted:
+                os.fchmod(fd, 0o640 | stat.S_ISVTX)  # the mark _lock_first_sync looks for
+            os.fsync(fd)
+
         if fh is None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 write_all(fd, head)
-                if attempted:
-                    os.fchmod(fd, 0o640 | stat.S_ISVTX)
-                os.fsync(fd)
+                seal(fd)
             finally:
                 os.close(fd)
         else:
             try:
                 fh.flush()
-                if attempted:
-                    os.fchmod(fh.fileno(), 0o640 | stat.S_ISVTX)
-                os.fsync(fh.fileno())
+                seal(fh.fileno())
             finally:
                 fh.close()
         json_tmp = self._write_json_sync(entry)

@@ -49,6 +49,21 @@ def gave_up(status: DeliveryStatus, attempts: int) -> DeliveryStatus:
                           status.remote_mta, status.diagnostic)
 
 
+def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
+                 attempt: int) -> None:
+    """The line every delivery attempt logs (the scheduler's and direct local delivery's)."""
+    log.info("delivery {queue_id} to {recipient}: {status} {reason}",
+             queue_id=entry.queue_id, recipient=rcpt.address,
+             status=f"{status.code} {status.enhanced} {status.text}",
+             reason="" if status.ok else status.reason.value, attempt=attempt,
+             event="delivery_attempt")
+
+
+def log_finished(entry: QueueEntry, outcome: str) -> None:
+    log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id, outcome=outcome,
+             event="entry_finished")
+
+
 class SpoolEvents:
     """Observer for delivery outcomes (metrics adapt this); default methods do nothing."""
 
@@ -252,11 +267,7 @@ class Scheduler:
         retry: list[Result] = []
         for rcpt, status in results:
             self.events.delivery_result(entry, rcpt, status)
-            log.info("delivery {queue_id} to {recipient}: {status} {reason}",
-                     queue_id=entry.queue_id, recipient=rcpt.address,
-                     status=f"{status.code} {status.enhanced} {status.text}",
-                     reason="" if status.ok else status.reason.value, attempt=attempt,
-                     event="delivery_attempt")
+            log_delivery(entry, rcpt, status, attempt)
             if status.ok:
                 delivered.append((rcpt, status))
             elif status.kind is FailureKind.PERMANENT:
@@ -291,8 +302,7 @@ class Scheduler:
             await self.spool.complete(claim)
             outcome = "completed" if not failed else ("dropped" if not delivered else "other")
             self.events.entry_finished(entry, outcome, age)
-            log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id, outcome=outcome,
-                     event="entry_finished")
+            log_finished(entry, outcome)
             return
         delay = retry_delay(self.retry_delay_seconds, attempt, self.rng)
         remaining = tuple(r for r, _ in retry)
