@@ -259,11 +259,9 @@ class OurServer:
             key, sep, value = setting.partition("=")
             if not sep:
                 raise ValueError(f"--set wants KEY=VALUE, got {setting!r}")
-            node = conf
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
+            # A dotted key as written: the server's config loader nests it and merges it
+            # over the sections above (they come first in the file, so the setting wins).
+            conf[key] = yaml.safe_load(value)
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(conf, sort_keys=False))
         self.management_port = conf["management"]["server"]["port"]
