@@ -50,34 +50,42 @@ class DataDecoder:
     def feed(self, data: bytes | bytearray) -> bytes | None:
         """Consume ``data``; returns None while the message continues, else the bytes that
         followed the terminator (pipelined commands)."""
-        buf = self._pending
-        if not buf and isinstance(data, bytes) and data.endswith(b"\n"):
+        buf = self._pending  # never holds an LF: the unfinished last line
+        last_lf = data.rfind(b"\n")
+        if last_lf < 0:
+            buf += data
+            self._check_partial(buf)
+            return None
+        if not buf and last_lf == len(data) - 1 and isinstance(data, bytes):
             block = data  # whole lines and nothing held back: no copy at all
         else:
-            buf += data
-            last_lf = buf.rfind(b"\n")
-            if last_lf < 0:
-                self._check_partial(buf)
-                return None
-            with memoryview(buf) as view:
-                block = bytes(view[:last_lf + 1])  # one copy (a bytearray slice made two)
-            del buf[:last_lf + 1]
-        end = self._find_end(block)
+            with memoryview(data) as view:
+                # One copy of the whole lines (appending to ``buf`` first made two).
+                block = b"".join((buf, view[:last_lf + 1]))
+                buf.clear()
+                buf += view[last_lf + 1:]
+        # The terminator and every stuffed dot follow a CRLF: one search tells whether the
+        # block needs either (ordinary chunks don't, and skip both the terminator search
+        # and the unstuffing pass, ~1.3 ms per MB).
+        first_dot = block.find(b"\r\n.")
+        end = self._find_end(block, first_dot)
         if end is None:
-            self._content(block)
+            self._content(block, first_dot >= 0)
             self._check_partial(buf)
             return None
         content_end, rest_start = end
-        self._content(block[:content_end])
+        self._content(block[:content_end], 0 <= first_dot < content_end - 2)
         self.done = True
         rest = block[rest_start:] + bytes(buf)
         buf.clear()
         return rest
 
-    def _find_end(self, block: bytes) -> tuple[int, int] | None:
+    def _find_end(self, block: bytes, first_dot: int) -> tuple[int, int] | None:
         if self._at_crlf_line_start and block.startswith(b".\r\n"):
             return 0, 3
-        p = block.find(b"\r\n.\r\n")
+        if first_dot < 0:
+            return None
+        p = block.find(b"\r\n.\r\n", first_dot)
         if p < 0:
             return None
         return p + 2, p + 5
@@ -106,15 +114,18 @@ class DataDecoder:
                 return self._long_line.search(block) is not None
         return False
 
-    def _content(self, block: bytes) -> None:
+    def _content(self, block: bytes, stuffed: bool) -> None:
+        """``stuffed``: whether ``block`` may hold a CRLF followed by a dot."""
         if not block:
             return
         starts_line = self._at_crlf_line_start
         self._at_crlf_line_start = block.endswith(b"\r\n")
         if self._in_overlong:
             self._in_overlong = False
-        crlf = block.count(b"\r\n")
-        if crlf != block.count(b"\n") or crlf != block.count(b"\r"):
+        # Every CRLF holds one CR and one LF, so there is no bare CR or LF exactly when the
+        # CRs and LFs together number twice the CRLFs: two passes instead of three counts
+        # (counting was 2 of the ~3.5 ms this method spent per MB).
+        if 2 * block.count(b"\r\n") != len(block) - len(block.translate(None, b"\r\n")):
             self._fail(BARE_EOL)
         if len(block) > self._max_line + 2 and self._has_long_line(block):
             self._fail(LINE_TOO_LONG)
@@ -122,7 +133,8 @@ class DataDecoder:
             return
         if starts_line and block.startswith(b"."):
             block = block[1:]  # the stuffed dot of the first line (no CRLF before it here)
-        block = block.replace(b"\r\n.", b"\r\n")
+        if stuffed:
+            block = block.replace(b"\r\n.", b"\r\n")
         self.size += len(block)
         if self.size > self._max_size:
             self._fail(TOO_BIG)

@@ -847,7 +847,8 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def _feed_bdat(self) -> None:
         n = min(self._bdat_remaining, len(self._buf))
-        chunk = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:
+            chunk = bytes(view[:n])  # one copy (a bytearray slice, then bytes, made two)
         del self._buf[:n]
         self._bdat_remaining -= n
         tx = self._tx
@@ -859,11 +860,13 @@ class SMTPServerProtocol(smtp.ESMTP):
     def _bdat_content(self, tx: Transaction, chunk: bytes) -> None:
         if not chunk:
             return
-        crlf = chunk.count(b"\r\n")
         joined = tx.bdat_last_cr and chunk.startswith(b"\n")
-        bare_lf = chunk.count(b"\n") - crlf - (1 if joined else 0)
-        bare_cr = chunk.count(b"\r") - crlf - (1 if chunk.endswith(b"\r") else 0)
-        if bare_lf or bare_cr or (tx.bdat_last_cr and not joined):
+        # CRs and LFs that are not part of a CRLF (in this chunk, or across the boundary
+        # with the previous or next one); two passes, as in DataDecoder.
+        cr_lf = len(chunk) - len(chunk.translate(None, b"\r\n"))
+        bare = (cr_lf - 2 * chunk.count(b"\r\n") - (1 if joined else 0)
+                - (1 if chunk.endswith(b"\r") else 0))
+        if bare or (tx.bdat_last_cr and not joined):
             tx.bdat_bad_eol = True
         tx.bdat_last_cr = chunk.endswith(b"\r")
         tx.bdat_size += len(chunk)

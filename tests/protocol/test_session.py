@@ -420,6 +420,32 @@ def test_bdat_size_limit_across_chunks_and_bare_lf(make_server: Any) -> None:
     assert srv.spool_entries() == []
 
 
+def test_bdat_crlf_split_between_chunks_is_fine_and_bare_cr_is_not(make_server: Any) -> None:
+    srv = make_server()
+    c = Client(srv.port)
+    ehlo(c)
+
+    def send(chunks: list[bytes]) -> tuple[int, list[str]]:
+        c.cmd("MAIL FROM:<a@remote.test>")
+        c.cmd("RCPT TO:<alice@localhost>")
+        for chunk in chunks[:-1]:
+            c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+            assert c.reply()[0] == 250
+        c.send(b"BDAT %d LAST\r\n" % len(chunks[-1]) + chunks[-1])
+        return c.reply()
+
+    assert send([b"Subject: split\r\n\r\nend of line\r", b"\nnext\r\n"])[0] == 250
+    (msg,) = srv.wait_messages("alice", 1)
+    assert msg.endswith(b"end of line\r\nnext\r\n")
+    for chunks in ([b"Subject: x\r\n\r\nbare\r", b"cr\r\n"],   # CR, then no LF
+                   [b"Subject: x\r\n\r\nbare\rcr\r\n"],
+                   [b"Subject: x\r\n\r\nok\r\n", b"\r\n\n"],   # LF after a CRLF
+                   [b"Subject: x\r\n\r\nends in\r"]):          # CR at the very end
+        code, lines = send(chunks)
+        assert (code, lines[0][:5]) == (550, "5.6.0"), chunks
+    assert len(srv.messages("alice")) == 1
+
+
 # -- AUTH --------------------------------------------------------------------------------------
 
 

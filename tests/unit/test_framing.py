@@ -63,3 +63,45 @@ def test_bare_lf_is_flagged() -> None:
     dec = DataDecoder(lambda _: None, max_size=10**9, max_line=MAX_LINE)
     dec.feed(b"a\nb\r\n.\r\n")
     assert dec.error == BARE_EOL
+
+
+raw_line = st.lists(st.sampled_from([b"a", b".", b"\r", b"\n"]), max_size=8).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(raw_line, max_size=20), st.lists(st.integers(1, 23), min_size=1, max_size=20))
+def test_bare_cr_and_lf_are_flagged_exactly(lines: list[bytes], cuts: list[int]) -> None:
+    # Lines may hold bare CRs and LFs anywhere (also next to the CRLFs between lines, and
+    # split from them by the chunking); the message is bad exactly when its content, up to
+    # the first CRLF.CRLF, has a CR or LF that is not part of a CRLF.
+    wire = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
+    wire += b".\r\nQUIT\r\n"
+    if wire.startswith(b".\r\n"):
+        content, after = b"", wire[3:]
+    else:
+        p = wire.find(b"\r\n.\r\n")
+        content, after = wire[:p + 2], wire[p + 5:]
+    leftover = content.replace(b"\r\n", b"")
+    bare = b"\r" in leftover or b"\n" in leftover
+    out: list[bytes] = []
+    dec = DataDecoder(out.append, max_size=10**9, max_line=MAX_LINE)
+    rest = None
+    pos, i = 0, 0
+    while rest is None and pos < len(wire):
+        step = cuts[i % len(cuts)]
+        rest = dec.feed(wire[pos:pos + step])
+        pos += step
+        i += 1
+    assert dec.done and rest is not None
+    assert rest + wire[pos:] == after
+    assert dec.error == (BARE_EOL if bare else OK)
+    if not bare:
+        want = content[1:] if content.startswith(b".") else content
+        assert b"".join(out) == want.replace(b"\r\n.", b"\r\n")
+
+
+def test_bare_cr_is_flagged() -> None:
+    for body in (b"a\rb\r\n", b"a\r\r\n", b"\r\n\r", b"a\n\rb\r\n", b"\r\r\n\n"):
+        dec = DataDecoder(lambda _: None, max_size=10**9, max_line=MAX_LINE)
+        assert dec.feed(body + b"\r\n.\r\n") == b""
+        assert dec.error == BARE_EOL, body
