@@ -30,6 +30,15 @@ class ISpoolWriter(Interface):
         """Discard everything written; safe to call more than once and after commit."""
 
 
+class IWriterHint(Interface):
+    """Optional for an :class:`ISpoolWriter`: told the envelope's sender and recipients before
+    the first byte (the file spool writes a large message for one local mailbox straight
+    into it). The envelope given to ``commit`` is what counts."""
+
+    def expect(sender: str, recipients: Any) -> None:
+        """Called once, right after ``open_writer``; ``recipients``: Recipient values."""
+
+
 class ISpool(Interface):
     """A durable queue of messages (file or Redis backend)."""
 

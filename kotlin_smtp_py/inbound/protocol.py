@@ -43,7 +43,7 @@ from kotlin_smtp_py.envelope import (
 )
 from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, TOO_BIG, DataDecoder
 from kotlin_smtp_py.inbound.policy import SessionInfo
-from kotlin_smtp_py.interfaces import ISpoolWriter
+from kotlin_smtp_py.interfaces import ISpoolWriter, IWriterHint
 from kotlin_smtp_py.plugins import DROP, CommandContext, Stage
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import SmtpReply
@@ -758,6 +758,9 @@ class SMTPServerProtocol(smtp.ESMTP):
     def _open_writer(self, tx: Transaction) -> SmtpReply | None:
         try:
             tx.writer = self.factory.spool.open_writer()
+            if IWriterHint.providedBy(tx.writer):
+                tx.writer.expect("" if tx.sender is None else str(tx.sender),
+                                 tuple(tx.recipients))
         except Exception:
             log.failure("session {session}: cannot open spool writer", session=self.session_id)
             return STORAGE_FAILED

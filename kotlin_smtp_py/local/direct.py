@@ -22,16 +22,28 @@ normal path, so no failure ends in silence. A recipient written here is never qu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from kotlin_smtp_py.envelope import Envelope, Recipient
-from kotlin_smtp_py.local.delivery import LocalDelivery
+from kotlin_smtp_py.local.delivery import LocalDelivery, maildir_prefix
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.spool.scheduler import SpoolEvents, log_delivery, log_finished
 from kotlin_smtp_py.status import DeliveryStatus
 
 log = Logger()
+
+
+@dataclass(frozen=True)
+class MaildirTarget:
+    """Where a message for one local recipient with one mailbox can be written as it arrives
+    (a large message then skips its spool file and the copy out of it)."""
+
+    recipient: Recipient
+    mailbox: str
+    root: str  # the Maildir
+    prefix: bytes  # the lines local delivery puts above the message
 
 
 class DirectLocalDelivery:
@@ -51,6 +63,21 @@ class DirectLocalDelivery:
             return ()
         return tuple(r for r in envelope.recipients
                      if "SUCCESS" not in r.notify and self.routes_to_local(r))
+
+    def target(self, sender: str, recipients: Sequence[Recipient]) -> MaildirTarget | None:
+        """Reactor thread, before the first byte of a message that outgrew memory: its
+        Maildir when it has a single recipient that goes direct to a single mailbox. The
+        commit checks the final envelope again (``candidates``) and queues otherwise."""
+        if len(recipients) != 1:
+            return None
+        rcpt = recipients[0]
+        if "SUCCESS" in rcpt.notify or not self.routes_to_local(rcpt):
+            return None
+        mailboxes, remote = self.local.expand(rcpt.address)
+        if remote or len(mailboxes) != 1:
+            return None
+        return MaildirTarget(rcpt, mailboxes[0], self.local.directory.maildir(mailboxes[0]),
+                             maildir_prefix(sender, rcpt.address))
 
     def deliver_sync(self, queue_id: str, envelope: Envelope, candidates: Sequence[Recipient],
                      source: bytes | bytearray | str) -> tuple[tuple[Recipient, ...], bool]:

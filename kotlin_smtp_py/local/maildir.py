@@ -96,11 +96,45 @@ def _link_unnamed(fd: int, dest: str) -> None:
 def _create(root: str, name: str) -> tuple[int, str | None]:
     """An fd to write the copy into, and its tmp/ path (None: an unnamed file in new/, which
     no reader can see before it is linked, and which vanishes by itself if we die first;
-    it also spares a directory entry created and removed in tmp/ per copy)."""
+    it also spares a directory entry created and removed in tmp/ per copy). Readable too:
+    a message written here as it arrives may have to be copied back into the spool."""
     if _unnamed_files and _unnamed_files[0]:
-        return os.open(os.path.join(root, "new"), os.O_TMPFILE | os.O_WRONLY, 0o600), None
+        return os.open(os.path.join(root, "new"), os.O_TMPFILE | os.O_RDWR, 0o600), None
     tmp = os.path.join(root, "tmp", name)
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), tmp
+    return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), tmp
+
+
+def open_copy(root: str, tmp_name: str) -> tuple[int, str | None]:
+    """Start a copy in Maildir ``root``: an fd to write it into, and its ``tmp/`` path (None:
+    unnamed). Finish it with :func:`finish_copy`, or close the fd and remove the path."""
+    ensure_maildir(root)
+    try:
+        return _create(root, tmp_name)
+    except FileNotFoundError:  # the mailbox was removed while we run
+        ensure_maildir(root, fresh=True)
+        return _create(root, tmp_name)
+
+
+def finish_copy(root: str, name: str, fd: int, tmp: str | None) -> bool:
+    """fsync the copy in ``fd`` and give it its name in ``new/``; False if a copy of that
+    name is there already. The caller closes ``fd``; ``tmp`` is removed either way.
+    Blocking; inside a ``DiskIO`` job ``new/`` is fsync'd at the end of the batch."""
+    dest = os.path.join(root, "new", name)
+    try:
+        os.fsync(fd)
+        # link(2), never rename: an existing copy (a redelivery) must win, not be replaced.
+        if tmp is None:
+            _link_unnamed(fd, dest)
+        else:
+            os.link(tmp, dest)
+    except FileExistsError:
+        return False
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    sync_dir(os.path.join(root, "new"))
+    return True
 
 
 def _already_delivered(root: str, name: str) -> bool:
@@ -129,34 +163,23 @@ def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes | by
     ensure_maildir(root)
     if check_existing and _already_delivered(root, name):
         return False
+    fd, tmp = open_copy(root, name)
     try:
-        fd, tmp = _create(root, name)
-    except FileNotFoundError:
-        ensure_maildir(root, fresh=True)
-        fd, tmp = _create(root, name)
-    dest = os.path.join(root, "new", name)
-    try:
-        if isinstance(message, str):
-            write_all(fd, prefix)
-            with open(message, "rb") as src:
-                copy_file(src.fileno(), fd)
-        elif len(message) < SMALL_MESSAGE:
-            write_all(fd, prefix + message)  # one syscall; the copy is cheaper
-        else:
-            write_all(fd, prefix)
-            write_all(fd, message)
-        os.fsync(fd)
-        # link(2), never rename: an existing copy (a redelivery) must win, not be replaced.
-        if tmp is None:
-            _link_unnamed(fd, dest)
-        else:
-            os.link(tmp, dest)
-    except FileExistsError:
-        return False
+        try:
+            if isinstance(message, str):
+                write_all(fd, prefix)
+                with open(message, "rb") as src:
+                    copy_file(src.fileno(), fd)
+            elif len(message) < SMALL_MESSAGE:
+                write_all(fd, prefix + message)  # one syscall; the copy is cheaper
+            else:
+                write_all(fd, prefix)
+                write_all(fd, message)
+        except BaseException:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+        return finish_copy(root, name, fd, tmp)
     finally:
         os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    sync_dir(os.path.join(root, "new"))
-    return True

@@ -45,7 +45,8 @@ from zope.interface import implementer
 
 from kotlin_smtp_py.diskio import DiskIO, sync_dir, write_all
 from kotlin_smtp_py.envelope import Envelope, Recipient, is_queue_id, new_queue_id, unique_hex
-from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
+from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter, IWriterHint
+from kotlin_smtp_py.local.maildir import copy_file, finish_copy, maildir_name, open_copy
 from kotlin_smtp_py.spool.dueindex import DueIndex
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
 
@@ -58,7 +59,15 @@ SPILL_BUFFER = 64 * 1024  # the write buffer of one that spilled: chunks are lar
 COMMITTED_CACHE = 10_000
 
 
-@implementer(ISpoolWriter)
+@dataclass
+class _MaildirSpill:
+    """A message being written straight into its only Maildir (``direct.MaildirTarget``)."""
+
+    target: Any
+    tmp: str | None  # its tmp/ path (None: an unnamed file)
+
+
+@implementer(ISpoolWriter, IWriterHint)
 class FileSpoolWriter:
     """Collects one message; fsync only at commit.
 
@@ -69,7 +78,13 @@ class FileSpoolWriter:
     Bigger messages spill into the file once they pass the buffer, so memory per session
     stays bounded. (A shared in-memory budget of 8 MiB per process, so that 1 MB messages
     never spill, was tried: W3 no faster within this VM's noise, and 100 × 25 MB sessions
-    peaked at 181 MiB instead of 136-141.)"""
+    peaked at 181 MiB instead of 136-141.)
+
+    A message for a single local recipient with a single mailbox (``expect``, direct local
+    delivery) spills into its Maildir copy instead: the prefix first, then the message as it
+    arrives, and the commit only fsyncs and links it. That spares a spool file created and
+    removed and a copy of the whole message (30 % of the CPU of 1 MB messages, measured).
+    If the commit cannot use the copy it moves the message into the spool as usual."""
 
     def __init__(self, spool: FileSpool, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -79,6 +94,11 @@ class FileSpoolWriter:
         self._head = bytearray()
         self._size = 0
         self._done = False
+        self._hint: tuple[str, tuple[Recipient, ...]] | None = None
+        self._spill: _MaildirSpill | None = None
+
+    def expect(self, sender: str, recipients: Any) -> None:
+        self._hint = (sender, tuple(recipients))
 
     @property
     def size(self) -> int:
@@ -90,13 +110,32 @@ class FileSpoolWriter:
         if self._fh is None:
             self._head += data
             if len(self._head) > WRITE_BUFFER:
-                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                self._fh = os.fdopen(fd, "wb", buffering=SPILL_BUFFER)
+                self._fh = self._open_spill()
                 self._fh.write(self._head)
                 self._head = bytearray()
         else:
             self._fh.write(data)
         self._size += len(data)
+
+    def _open_spill(self) -> Any:
+        spool = self._spool
+        target = None
+        if self._hint is not None and spool.direct is not None:
+            target = spool.direct.target(*self._hint)
+        if target is not None:
+            try:
+                fd, tmp = open_copy(target.root, f"{int(time.time())}.{self.queue_id}.part")
+            except OSError as exc:
+                log.warn("cannot write {queue_id} into {mailbox} as it arrives, spooling it: "
+                         "{error}", queue_id=self.queue_id, mailbox=target.mailbox,
+                         error=str(exc))
+            else:
+                self._spill = _MaildirSpill(target, tmp)
+                fh = os.fdopen(fd, "wb", buffering=SPILL_BUFFER)
+                fh.write(target.prefix)
+                return fh
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        return os.fdopen(fd, "wb", buffering=SPILL_BUFFER)
 
     def commit(self, envelope: Envelope) -> defer.Deferred[QueueEntry]:
         if self._done:
@@ -110,7 +149,7 @@ class FileSpoolWriter:
         spool = self._spool
         candidates = spool.direct.candidates(envelope) if spool.direct is not None else ()
         d: defer.Deferred[QueueEntry] = spool.disk_io.submit_urgent(
-            spool.accept_sync, fh, self._path, entry, head, candidates)
+            spool.accept_sync, fh, self._path, entry, head, candidates, self._spill)
 
         def done(stored: QueueEntry) -> QueueEntry:
             if stored.pending:
@@ -120,6 +159,8 @@ class FileSpoolWriter:
 
         def failed(f: Any) -> Any:
             self._spool.discard_sync_quietly(self._path)
+            if self._spill is not None and self._spill.tmp is not None:
+                self._spool.discard_sync_quietly(self._spill.tmp)
             return f
 
         return d.addCallbacks(done, failed)
@@ -132,7 +173,10 @@ class FileSpoolWriter:
         self._head = bytearray()
         if fh is not None:  # only a spilled message has a file to remove
             fh.close()
-            self._spool.discard_sync_quietly(self._path)
+            if self._spill is None:
+                self._spool.discard_sync_quietly(self._path)
+            elif self._spill.tmp is not None:  # (an unnamed one is gone with its fd)
+                self._spool.discard_sync_quietly(self._spill.tmp)
 
 
 @dataclass
@@ -254,12 +298,56 @@ class FileSpool:
         os.rename(json_tmp, js)
         sync_dir(self.queue_dir)
 
+    def _finish_spill_sync(self, fh: Any, path: str, entry: QueueEntry,
+                           candidates: tuple[Recipient, ...],
+                           spill: _MaildirSpill) -> tuple[QueueEntry | None, Any, bool]:
+        """Thread: link a message written into its Maildir as it arrived. Returns the entry
+        when that delivered it; else (the final envelope does not go direct after all, or
+        the link failed) the message is moved into a spool file at ``path``, returned open
+        for the commit, with whether a delivery failed."""
+        target = spill.target
+        fh.flush()
+        failed = False
+        if candidates == (target.recipient,):
+            try:
+                finish_copy(target.root, maildir_name(entry.queue_id, target.mailbox,
+                                                      entry.envelope.received_at),
+                            fh.fileno(), spill.tmp)
+            except OSError as exc:
+                log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
+                         "{error}", queue_id=entry.queue_id, recipient=target.recipient.address,
+                         error=str(exc))
+                failed = True
+            else:
+                fh.close()
+                return entry.evolve(pending=(), delivered_directly=(target.recipient,)), None, False
+        elif spill.tmp is not None:
+            self.discard_sync_quietly(spill.tmp)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        spooled = os.fdopen(fd, "wb", buffering=0)
+        try:
+            os.lseek(fh.fileno(), len(target.prefix), os.SEEK_SET)
+            copy_file(fh.fileno(), fd)
+        except BaseException:
+            spooled.close()
+            raise
+        finally:
+            fh.close()
+        return None, spooled, failed
+
     def accept_sync(self, fh: Any, path: str, entry: QueueEntry, head: bytes | bytearray,
-                    candidates: tuple[Recipient, ...]) -> QueueEntry:
+                    candidates: tuple[Recipient, ...],
+                    spill: _MaildirSpill | None = None) -> QueueEntry:
         """Thread: deliver ``candidates`` straight into their Maildirs (``self.direct``), then
         commit whatever is left; returns the entry as committed (``pending`` empty: nothing
-        was queued, and no file of this message is left in the spool)."""
+        was queued, and no file of this message is left in the spool). ``spill``: the message
+        was written into its Maildir as it arrived (``fh``)."""
         failed = False
+        if spill is not None:
+            done_entry, fh, failed = self._finish_spill_sync(fh, path, entry, candidates, spill)
+            if done_entry is not None:
+                return done_entry
+            candidates = ()  # a single recipient: it failed, or it does not go direct
         if candidates:
             if fh is not None:
                 fh.flush()

@@ -5,14 +5,19 @@ whose write fails, is queued in the same commit."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import smtplib
 import stat
+from pathlib import Path
 from typing import Any
 
-from helpers import wait_until
+from helpers import on_reactor, wait_until
 from protocol_support import Client, Server
 from test_metrics_traffic import delta, scrape
+
+from kotlin_smtp_py.envelope import Envelope, Recipient
+from kotlin_smtp_py.spool.file import WRITE_BUFFER
 
 
 def spool_files(srv: Server) -> list[str]:
@@ -134,3 +139,107 @@ def test_spool_not_needed_for_direct_mail_but_451_when_both_fail(make_server: An
         assert code == expected, lines
     assert lines[0].startswith("4.3.0")
     assert c.cmd("NOOP")[0] == 250
+
+
+BIG_BODY = b"".join(b"line %06d " % i + b"z" * 60 + b"\r\n"
+                    for i in range(2 * WRITE_BUFFER // 70))  # twice what stays in memory
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files this process (the test server runs in it) holds open under ``directory``,
+    unnamed ones (O_TMPFILE: ``.../new/#123 (deleted)``) included."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + "/"):
+            found.append(target)
+    return found
+
+
+def start_big_message(srv: Server, rcpt: str = "alice@localhost") -> Client:
+    """A message for one mailbox, sent past the in-memory buffer; returns once the server
+    is writing it into the mailbox as it arrives (never into a spool file)."""
+    c = Client(srv.port)
+    c.reply()
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: big\r\n\r\n" + BIG_BODY[:len(BIG_BODY) * 3 // 4])
+    wait_until(lambda: open_files_under(srv.maildir("alice")), message="copy being written")
+    assert spool_files(srv) == []
+    return c
+
+
+def test_big_message_for_one_mailbox_is_written_into_it_as_it_arrives(make_server: Any) -> None:
+    """No spool file and no copy out of one: the message goes into its Maildir copy while it
+    arrives, and the commit fsyncs and links it."""
+    srv: Server = make_server()
+    srv.service.scheduler.paused = True
+    c = start_big_message(srv)
+    assert srv.messages("alice") == []  # invisible until the commit links it
+    c.send(BIG_BODY[len(BIG_BODY) * 3 // 4:] + b".\r\n")
+    code, lines = c.reply()
+    assert code == 250, lines
+    (msg,) = srv.messages("alice")
+    assert msg.startswith(b"Return-Path: <a@remote.test>\r\nDelivered-To: alice@localhost\r\n")
+    assert msg.endswith(b"Subject: big\r\n\r\n" + BIG_BODY)
+    assert spool_files(srv) == []
+    assert not list((srv.maildir("alice") / "tmp").iterdir())
+    assert open_files_under(srv.maildir("alice")) == []
+    # A rejected one (bare LF) leaves nothing behind.
+    c = start_big_message(srv)
+    c.send(b"bare\nlf\r\n.\r\n")
+    assert c.reply()[0] == 550
+    assert len(srv.messages("alice")) == 1 and spool_files(srv) == []
+    wait_until(lambda: open_files_under(srv.maildir("alice")) == [], message="copy discarded")
+
+
+def test_big_message_whose_mailbox_breaks_meanwhile_is_queued_intact(make_server: Any) -> None:
+    srv: Server = make_server()
+    srv.service.scheduler.paused = True
+    c = start_big_message(srv)
+    break_maildir(srv, "alice")  # the link into new/ will fail
+    c.send(BIG_BODY[len(BIG_BODY) * 3 // 4:] + b".\r\n")
+    assert c.reply()[0] == 250
+    (entry,) = srv.spool_entries()
+    assert pending_of(entry) == ["alice@localhost"]
+    eml = entry.with_suffix(".eml")
+    content = eml.read_bytes()
+    assert content.startswith(b"Received: ") and content.endswith(b"\r\n\r\n" + BIG_BODY)
+    assert eml.stat().st_mode & stat.S_ISVTX  # a delivery was tried
+    (srv.maildir("alice") / "new").unlink()
+    srv.service.scheduler.paused = False
+    (msg,) = srv.wait_messages("alice", 1)
+    assert msg.endswith(b"\r\n\r\n" + BIG_BODY)
+    wait_until(lambda: srv.spool_entries() == [], message="entry completed")
+
+
+def test_big_message_is_spooled_when_the_final_envelope_does_not_go_direct(
+        make_server: Any) -> None:
+    """The hint before the first byte named alice; the envelope committed asks for a success
+    notice, which the scheduler sends: the copy is dropped and the message spooled as is."""
+    srv: Server = make_server()
+    srv.service.scheduler.paused = True
+    spool = srv.service.spool
+    message = b"Subject: hint\r\n\r\n" + BIG_BODY
+
+    def send() -> Any:
+        writer = spool.open_writer()
+        writer.expect("a@remote.test", (Recipient("alice@localhost"),))
+        for i in range(0, len(message), 65536):
+            writer.write(message[i:i + 65536])
+        assert open_files_under(srv.maildir("alice"))  # it went into the mailbox
+        return writer.commit(Envelope(sender="a@remote.test", recipients=(
+            Recipient("alice@localhost", notify=("SUCCESS",)),), size=len(message)))
+
+    entry = on_reactor(send)
+    assert entry.pending == (Recipient("alice@localhost", notify=("SUCCESS",)),)
+    assert srv.messages("alice") == []
+    assert open_files_under(srv.maildir("alice")) == []
+    (path,) = srv.spool_entries()
+    assert path.with_suffix(".eml").read_bytes() == message
+    assert not path.with_suffix(".eml").stat().st_mode & stat.S_ISVTX  # nothing was tried
