@@ -10,6 +10,7 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger
 
 from kotlin_smtp_py import config as cfg
+from kotlin_smtp_py.memory import tune_malloc
 
 log = Logger()
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default-config.yaml")
@@ -55,6 +56,7 @@ def check_redis_reachable(config: cfg.Config) -> None:
 
 def make_service(config_path: str | None) -> Any:
     config = load_or_exit(config_path)
+    tune_malloc()
     check_redis_reachable(config)
     from kotlin_smtp_py.service import build_service
     from kotlin_smtp_py.workers import prepare_parent
