@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -108,15 +109,25 @@ class _WithoutCreated(Collector):
             yield metric
 
 
+_pid: list[int] = []
+
+
+def _process_id() -> int:
+    """The pid, known without a getpid(2) per metric update (prometheus_client asks on every
+    one, to notice forks: ten system calls per message). A fork refreshes it."""
+    if not _pid:
+        _pid.append(os.getpid())
+        os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+    return _pid[0]
+
+
 def _enable_multiprocess(directory: str) -> None:
     """Values created from now on live in mmap files under ``directory`` (per process)."""
-    import os
-
     from prometheus_client import values
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     if not getattr(values.ValueClass, "_multiprocess", False):
-        cls: Any = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        cls: Any = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
         cls._multiprocess = True
         values.ValueClass = cls
 
