@@ -62,6 +62,16 @@ _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn
            "warning": LogLevel.warn, "error": LogLevel.error, "critical": LogLevel.critical}
 
 
+_debug_on = [True]  # until configure_logging decides (tools and tests see everything)
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines can reach the output. Twisted's ``Logger`` builds and publishes
+    every event and the level filter drops it only at the observer (~4 µs a call), so debug
+    lines on per-connection and per-message paths are guarded with this."""
+    return _debug_on[0]
+
+
 def parse_level(name: str) -> LogLevel:
     try:
         level: LogLevel = _LEVELS[name.strip().lower()]
@@ -280,7 +290,9 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None,
     formatter = format_json if config.format == "json" else format_text
     redactor = Redactor((*DEFAULT_REDACT, *redact))
     out = stream if stream is not None else open_output(config.file)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=parse_level(config.level))
+    level = parse_level(config.level)
+    _debug_on[0] = level is LogLevel.debug
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     observer: ILogObserver = FilteringLogObserver(LineObserver(out, formatter, redactor),
                                                   [predicate])
     return observer

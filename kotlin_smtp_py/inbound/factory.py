@@ -114,28 +114,34 @@ class SMTPFactory(protocol.ServerFactory):
         enabled = listener.pregreetCheck
         return bool(listener.port == 25 if enabled is None else enabled)
 
-    @defer.inlineCallbacks
-    def _admit(self, session: SMTPServerProtocol) -> Any:
+    def admission(self, session: SMTPServerProtocol) -> defer.Deferred[SmtpReply | None]:
+        """Decides whether a new session gets its greeting (Deferred of a refusal or None).
+        Plain callbacks rather than a generator: with the local limiter every step has
+        already fired, and this runs once per connection."""
         if self.shutting_down:
-            return SmtpReply(421, "4.3.2", f"{self.hostname} Service shutting down")
+            return defer.succeed(SmtpReply(421, "4.3.2",
+                                           f"{self.hostname} Service shutting down"))
         for check in self.admission_checks:
             refusal = check(session)
             if refusal is not None:
-                return refusal
-        if self.connection_limiter is not None:
-            allowed = yield self.connection_limiter.acquire(session.peer_ip)
-            if not allowed:
-                log.info("too many connections from {peer}", peer=session.peer_ip,
-                         event="connection_limited")
-                return SmtpReply(421, "4.7.0", "Too many connections from your address")
-            self._counted.add(session)
-        if self.pregreet_check(session.listener) and self.pregreet_delay > 0:
-            yield task.deferLater(self.clock, self.pregreet_delay, lambda: None)
-        return None
+                return defer.succeed(refusal)
+        if self.connection_limiter is None:
+            return defer.maybeDeferred(self._pregreet_wait, session)
+        d: defer.Deferred[Any] = self.connection_limiter.acquire(session.peer_ip)
+        return d.addCallback(self._limited, session)
 
-    def admission(self, session: SMTPServerProtocol) -> defer.Deferred[SmtpReply | None]:
-        """Decides whether a new session gets its greeting (Deferred of a refusal or None)."""
-        return self._admit(session)  # type: ignore[no-any-return]
+    def _limited(self, allowed: bool, session: SMTPServerProtocol) -> Any:
+        if not allowed:
+            log.info("too many connections from {peer}", peer=session.peer_ip,
+                     event="connection_limited")
+            return SmtpReply(421, "4.7.0", "Too many connections from your address")
+        self._counted.add(session)
+        return self._pregreet_wait(session)
+
+    def _pregreet_wait(self, session: SMTPServerProtocol) -> Any:
+        if self.pregreet_check(session.listener) and self.pregreet_delay > 0:
+            return task.deferLater(self.clock, self.pregreet_delay, lambda: None)
+        return None
 
     def release_connection(self, session: SMTPServerProtocol) -> None:
         if session in self._counted:

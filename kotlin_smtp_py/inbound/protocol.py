@@ -44,6 +44,7 @@ from kotlin_smtp_py.envelope import (
 from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, TOO_BIG, DataDecoder
 from kotlin_smtp_py.inbound.policy import SessionInfo
 from kotlin_smtp_py.interfaces import ISpoolWriter, IWriterHint
+from kotlin_smtp_py.log import debug_enabled
 from kotlin_smtp_py.plugins import DROP, CommandContext, Stage
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import SmtpReply
@@ -257,8 +258,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._tls = bool(self.listener.implicitTls)
         self.startedTLS = self._tls
         self.factory.session_started(self)
-        log.debug("session {session} connect from {peer}", session=self.session_id,
-                  peer=self.peer_ip, event="session_started")
+        if debug_enabled():
+            log.debug("session {session} connect from {peer}", session=self.session_id,
+                      peer=self.peer_ip, event="session_started")
         if self._tls:
             self._arm_handshake_timer()
         self._arm_idle_timer()

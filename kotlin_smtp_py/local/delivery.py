@@ -18,6 +18,7 @@ from kotlin_smtp_py.envelope import AddressError, Envelope, Recipient, parse_mai
 from kotlin_smtp_py.interfaces import IDelivery
 from kotlin_smtp_py.local.directory import LocalDirectory, read_list, safe_name
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
+from kotlin_smtp_py.log import debug_enabled
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import DeliveryStatus, Reason
 
@@ -100,9 +101,10 @@ class LocalDelivery:
                                   # duplicate elimination (alice, alice+tag, lists with alice).
                                   maildir_name(queue_id, name, envelope.received_at),
                                   prefix, message, check_existing=check_existing)
-            log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
-                      queue_id=queue_id, recipient=address, mailbox=name,
-                      dup="" if fresh else " (already present)", event="delivered")
+            if debug_enabled():
+                log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
+                          queue_id=queue_id, recipient=address, mailbox=name,
+                          dup="" if fresh else " (already present)", event="delivered")
 
     @defer.inlineCallbacks
     def _deliver(self, entry: QueueEntry, message_path: str,

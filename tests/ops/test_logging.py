@@ -113,3 +113,17 @@ def test_file_output(tmp_path: Path) -> None:
     Logger(namespace="t", observer=observer).info("to file", queue_id="QF")
     (record,) = json_lines(target.read_text())
     assert record["queue_id"] == "QF"
+
+
+def test_hot_path_debug_lines_are_built_only_at_debug_level() -> None:
+    from kotlin_smtp_py.log import debug_enabled
+
+    try:
+        logger_for(LoggingConfig(format="text", level="info"))
+        assert not debug_enabled()
+        log, out = logger_for(LoggingConfig(format="text", level="debug"))
+        assert debug_enabled()
+        log.debug("shown")
+        assert "shown" in out.getvalue()
+    finally:
+        logger_for(LoggingConfig(format="text", level="debug"))  # the default for other tests
