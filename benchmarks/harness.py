@@ -127,15 +127,13 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """utime+stime (plus reaped children's cutime+cstime when asked) of ``pid``."""
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """(own utime+stime, reaped children's cutime+cstime) of ``pid``, None once it is gone."""
     f = _stat_fields(pid)
     if f is None:
-        return 0.0
-    ticks = int(f[11]) + int(f[12])  # fields 14, 15 (utime, stime)
-    if children:
-        ticks += int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+        return None
+    return ((int(f[11]) + int(f[12])) / CLK_TCK,  # fields 14, 15 (utime, stime)
+            (int(f[13]) + int(f[14])) / CLK_TCK)  # fields 16, 17 (cutime, cstime)
 
 
 def ppid(pid: int) -> int | None:
@@ -170,12 +168,18 @@ def status_kib(pid: int, key: str) -> int:
 
 
 class TreeStats:
-    """CPU and memory of a process tree; samples RSS in a thread to catch the peak."""
+    """CPU and memory of a process tree; samples RSS in a thread to catch the peak.
+
+    CPU: the tree's processes' own time at the end, plus what their reaped children added to
+    their ``cutime`` (a child that exits during the run is counted there, once: Postfix's
+    short-lived smtpd and cleanup processes), minus the time before the start of children
+    that were already running then. (Until 2026-11 a child's last sample was counted as well
+    as its share of its parent's ``cutime``, which overstated Postfix's CPU.)"""
 
     def __init__(self, root: int) -> None:
         self.root = root
-        self.seen: dict[int, float] = {}
-        self.start_cpu: dict[int, float] = {}
+        self.start_cpu: dict[int, tuple[float, float]] = {}
+        self.processes: set[int] = set()
         self.peak_rss_kib = 0  # of the sum over the tree
         self.hwm_kib: dict[int, int] = {}
         self._stop = threading.Event()
@@ -183,13 +187,15 @@ class TreeStats:
 
     def begin(self) -> None:
         for pid in descendants(self.root):
-            self.start_cpu[pid] = cpu_seconds(pid, children=True)
+            times = cpu_times(pid)
+            if times is not None:
+                self.start_cpu[pid] = times
         self._thread.start()
 
     def _sample(self) -> None:
         total = 0
         for pid in descendants(self.root):
-            self.seen[pid] = cpu_seconds(pid, children=True)
+            self.processes.add(pid)
             total += status_kib(pid, "VmRSS")
             self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), status_kib(pid, "VmHWM"))
         self.peak_rss_kib = max(self.peak_rss_kib, total)
@@ -202,10 +208,20 @@ class TreeStats:
         self._sample()
         self._stop.set()
         self._thread.join(5)
-        cpu = sum(v - self.start_cpu.get(pid, 0.0) for pid, v in self.seen.items())
+        cpu = 0.0
+        alive = descendants(self.root)
+        for pid in alive:
+            times = cpu_times(pid)
+            if times is None:
+                continue
+            own0, reaped0 = self.start_cpu.get(pid, (0.0, 0.0))
+            cpu += times[0] - own0 + times[1] - reaped0
+        for pid, (own0, reaped0) in self.start_cpu.items():
+            if pid not in alive:  # reaped during the run with its whole life's time
+                cpu -= own0 + reaped0
         return {"cpu_s": cpu, "peak_rss_sum_mib": self.peak_rss_kib / 1024,
                 "max_vmhwm_mib": max(self.hwm_kib.values(), default=0) / 1024,
-                "processes": len(self.seen)}
+                "processes": len(self.processes)}
 
 
 # -- our server --------------------------------------------------------------------------------
