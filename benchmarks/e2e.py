@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -38,42 +39,39 @@ from benchmarks.harness import (
 )
 
 
-def run_one(server: Any, args: argparse.Namespace) -> dict[str, Any]:
-    server.start()
+def measure(server: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One round of load against a running server, until every message has landed."""
+    before = server.delivered()
+    stats = TreeStats(server.pid)
+    stats.begin()
+    load_before = loadavg()
+    probe: LatencyProbe | None = None
+    if args.loader == "smtp-source":
+        probe = LatencyProbe(server.port, server.recipient, args.body_bytes, args.persistent)
+        probe.start()
+        load = run_smtp_source(server.port, server.recipient, args.clients, args.messages,
+                               args.body_bytes, args.persistent, args.max_seconds)
+        probe.stop()
+    else:
+        load = run_smtpload(server.port, server.recipient, args.clients, args.messages,
+                            args.body_bytes, args.persistent, args.max_seconds)
+    accepted_at = time.monotonic()
+    expected = load.messages - load.errors + (probe.sent if probe else 0)
+    drained = True
     try:
-        before = server.delivered()
-        stats = TreeStats(server.pid)
-        stats.begin()
-        load_before = loadavg()
-        probe: LatencyProbe | None = None
-        if args.loader == "smtp-source":
-            probe = LatencyProbe(server.port, server.recipient, args.body_bytes, args.persistent)
-            probe.start()
-            load = run_smtp_source(server.port, server.recipient, args.clients, args.messages,
-                                   args.body_bytes, args.persistent, args.max_seconds)
-            probe.stop()
-        else:
-            load = run_smtpload(server.port, server.recipient, args.clients, args.messages,
-                                args.body_bytes, args.persistent, args.max_seconds)
-        accepted_at = time.monotonic()
-        expected = load.messages - load.errors + (probe.sent if probe else 0)
-        drained = True
-        try:
-            wait_until(lambda: server.delivered() - before >= expected and server.queued() == 0,
-                       args.drain_seconds, interval=0.1, what="delivery of every message")
-        except TimeoutError:
-            drained = False
-        drain_s = time.monotonic() - accepted_at
-        usage = stats.end()
-        load_after = loadavg()
-        landed = server.delivered() - before
-    finally:
-        rc = server.stop()
+        wait_until(lambda: server.delivered() - before >= expected and server.queued() == 0,
+                   args.drain_seconds, interval=0.1, what="delivery of every message")
+    except TimeoutError:
+        drained = False
+    drain_s = time.monotonic() - accepted_at
+    usage = stats.end()
+    load_after = loadavg()
+    landed = server.delivered() - before
     if probe is not None:
         load.latencies_ms = probe.latencies_ms
     return {"server": server.name, "load": load, "probe": probe, "expected": expected,
             "landed": landed, "drained": drained, "drain_s": drain_s, "usage": usage,
-            "loadavg": f"{load_before} -> {load_after}", "exit": rc}
+            "loadavg": f"{load_before} -> {load_after}"}
 
 
 def _lat(load: LoadResult, q: int) -> float | None:
@@ -99,7 +97,7 @@ def report(r: dict[str, Any]) -> None:
           f"{u['max_vmhwm_mib']:.1f} MiB")
     print(f"    landed {r['landed']}/{r['expected']} "
           f"({'all delivered' if r['drained'] else 'NOT ALL DELIVERED'}; delivered "
-          f"{r['drain_s']:.2f}s after the last 250), exit {r['exit']}, loadavg {r['loadavg']}")
+          f"{r['drain_s']:.2f}s after the last 250), loadavg {r['loadavg']}")
 
 
 def _fmt(v: float | None) -> str:
@@ -125,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for our server, e.g. smtp.spool.ioThreads=4 "
                          "(repeatable)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="load rounds against the same running servers, ours and Postfix "
+                         "alternating; prints every round and the median ratio (this VM's "
+                         "speed drifts by tens of percent within minutes)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
                     help="seconds since the last run's files were removed to wait for before "
@@ -136,31 +138,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.clients} clients, {args.messages} messages of {args.body_bytes} "
           f"bytes, {'persistent connections' if args.persistent else 'connection per message'}"
           f", loader {args.loader}, cores {os.cpu_count()}, loadavg {loadavg()}")
-    results: list[dict[str, Any]] = []
     ok = True
+    servers: list[Any] = [OurServer(root / "ours", workers=args.workers, settings=args.set)]
+    if args.compare_postfix:
+        why = postfix_missing()
+        if why is not None:
+            print(f"[postfix] skipped: {why}")
+        else:
+            servers.append(PostfixServer(root / "postfix", maildir=args.postfix_maildir))
+    ratios: list[float] = []
     try:
-        ours = run_one(OurServer(root / "ours", workers=args.workers,
-                                     settings=args.set), args)
-        report(ours)
-        results.append(ours)
-        ok = ok and ours["drained"] and ours["landed"] >= ours["expected"]
-        if args.compare_postfix:
-            why = postfix_missing()
-            if why is not None:
-                print(f"[postfix] skipped: {why}")
-            else:
-                pf = run_one(PostfixServer(root / "postfix", maildir=args.postfix_maildir),
-                             args)
-                report(pf)
-                results.append(pf)
-                ok = ok and pf["drained"]
-                a, b = ours["load"], pf["load"]
-                p99a, p99b = _lat(a, 99), _lat(b, 99)
-                print(f"ratio ours/postfix: msg/s {a.msgs_per_s / max(b.msgs_per_s, 1e-9):.2f}x"
-                      f", MB/s {a.mb_per_s / max(b.mb_per_s, 1e-9):.2f}x, p99 "
-                      f"{_fmt(p99a)} vs {_fmt(p99b)} ms, CPU/msg "
-                      f"{ours['usage']['cpu_s'] / max(a.messages, 1) * 1e3:.2f} vs "
-                      f"{pf['usage']['cpu_s'] / max(b.messages, 1) * 1e3:.2f} ms")
+        started: list[Any] = []
+        try:
+            for server in servers:
+                server.start()
+                started.append(server)
+            for n in range(max(1, args.rounds)):
+                if args.rounds > 1:
+                    print(f"-- round {n + 1} of {args.rounds}", flush=True)
+                results = []
+                for server in servers:
+                    r = measure(server, args)
+                    report(r)
+                    results.append(r)
+                    ok = ok and r["drained"] and r["landed"] >= r["expected"]
+                if len(results) == 2:
+                    ours, pf = results
+                    a, b = ours["load"], pf["load"]
+                    ratio = a.msgs_per_s / max(b.msgs_per_s, 1e-9)
+                    ratios.append(ratio)
+                    print(f"ratio ours/postfix: msg/s {ratio:.2f}x, MB/s "
+                          f"{a.mb_per_s / max(b.mb_per_s, 1e-9):.2f}x, p99 "
+                          f"{_fmt(_lat(a, 99))} vs {_fmt(_lat(b, 99))} ms, CPU/msg "
+                          f"{ours['usage']['cpu_s'] / max(a.messages, 1) * 1e3:.2f} vs "
+                          f"{pf['usage']['cpu_s'] / max(b.messages, 1) * 1e3:.2f} ms",
+                          flush=True)
+        finally:
+            for server in started:
+                print(f"[{server.name}] exit {server.stop()}")
+        if len(ratios) > 1:
+            print(f"median ratio ours/postfix over {len(ratios)} rounds: "
+                  f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
+                  f"{max(ratios):.2f}x)")
     finally:
         if args.keep:
             print(f"kept {root}")
