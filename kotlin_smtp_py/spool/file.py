@@ -312,7 +312,7 @@ class FileSpool:
             try:
                 finish_copy(target.root, maildir_name(entry.queue_id, target.mailbox,
                                                       entry.envelope.received_at),
-                            fh.fileno(), spill.tmp)
+                            fh.fileno(), spill.tmp, drop_cache=True)
             except OSError as exc:
                 log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
                          "{error}", queue_id=entry.queue_id, recipient=target.recipient.address,

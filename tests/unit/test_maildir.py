@@ -91,3 +91,48 @@ def test_maildir_names_are_stable_per_recipient() -> None:
     assert a == maildir.maildir_name("q1", "alice@example.org", 1000.2)
     assert a != maildir.maildir_name("q1", "bob@example.org", 1000.2)
     assert a.startswith("1000.Qq1R")
+
+
+def cached_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache: mincore(2) on a private mapping (reads nothing)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)
+        try:
+            anchor = ctypes.c_char.from_buffer(mm)
+            rc = libc.mincore(ctypes.addressof(anchor), size, vec)
+            del anchor
+        finally:
+            mm.close()
+    assert rc == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.parametrize("source", ["bytes", "path"])
+def test_large_copies_leave_the_page_cache_small_ones_stay(tmp_path: Path, mode: str,
+                                                           source: str) -> None:
+    box = tmp_path / "box"
+    for size, dropped in ((8 * 1024, False), (maildir.DROP_CACHE_BYTES + 4096, True)):
+        message = b"x" * (size - 2) + b"\r\n"
+        if source == "path":
+            spooled = tmp_path / f"spooled-{size}"
+            spooled.write_bytes(message)
+        name = f"copy-{size}"
+        assert maildir.write_maildir(str(box), name, PREFIX,
+                                     str(spooled) if source == "path" else message)
+        copy = box / "new" / name
+        assert copy.read_bytes() == PREFIX + message
+        if dropped:
+            # Reading it back above cached it again: write once more, then look.
+            copy.unlink()
+            assert maildir.write_maildir(str(box), name, PREFIX,
+                                         str(spooled) if source == "path" else message)
+            assert cached_pages(copy) == 0
+        else:
+            assert cached_pages(copy) > 0
