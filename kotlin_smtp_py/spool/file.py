@@ -306,34 +306,35 @@ class FileSpool:
         the link failed) the message is moved into a spool file at ``path``, returned open
         for the commit, with whether a delivery failed."""
         target = spill.target
-        fh.flush()
-        failed = False
-        if candidates == (target.recipient,):
+        try:  # whatever happens, the copy's fd is closed here (an unnamed copy then vanishes)
+            fh.flush()
+            failed = False
+            if candidates == (target.recipient,):
+                try:
+                    finish_copy(target.root, maildir_name(entry.queue_id, target.mailbox,
+                                                          entry.envelope.received_at),
+                                fh.fileno(), spill.tmp, drop_cache=True)
+                except OSError as exc:
+                    log.warn("direct delivery of {queue_id} to {recipient} failed, queueing "
+                             "it: {error}", queue_id=entry.queue_id,
+                             recipient=target.recipient.address, error=str(exc))
+                    failed = True
+                else:
+                    delivered = entry.evolve(pending=(), delivered_directly=(target.recipient,))
+                    return delivered, None, False
+            elif spill.tmp is not None:
+                self.discard_sync_quietly(spill.tmp)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            spooled = os.fdopen(fd, "wb", buffering=0)
             try:
-                finish_copy(target.root, maildir_name(entry.queue_id, target.mailbox,
-                                                      entry.envelope.received_at),
-                            fh.fileno(), spill.tmp, drop_cache=True)
-            except OSError as exc:
-                log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
-                         "{error}", queue_id=entry.queue_id, recipient=target.recipient.address,
-                         error=str(exc))
-                failed = True
-            else:
-                fh.close()
-                return entry.evolve(pending=(), delivered_directly=(target.recipient,)), None, False
-        elif spill.tmp is not None:
-            self.discard_sync_quietly(spill.tmp)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        spooled = os.fdopen(fd, "wb", buffering=0)
-        try:
-            os.lseek(fh.fileno(), len(target.prefix), os.SEEK_SET)
-            copy_file(fh.fileno(), fd)
-        except BaseException:
-            spooled.close()
-            raise
+                os.lseek(fh.fileno(), len(target.prefix), os.SEEK_SET)
+                copy_file(fh.fileno(), fd)
+            except BaseException:
+                spooled.close()
+                raise
+            return None, spooled, failed
         finally:
             fh.close()
-        return None, spooled, failed
 
     def accept_sync(self, fh: Any, path: str, entry: QueueEntry, head: bytes | bytearray,
                     candidates: tuple[Recipient, ...],
