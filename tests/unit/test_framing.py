@@ -22,12 +22,9 @@ def reference(lines: list[bytes]) -> tuple[str, bytes]:
     return OK, b"".join((x[1:] if x.startswith(b".") else x) + b"\r\n" for x in lines)
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(line, max_size=30), st.lists(st.integers(1, 97), min_size=1, max_size=40))
-def test_matches_reference_for_any_chunking(lines: list[bytes], cuts: list[int]) -> None:
-    # Dot-stuff like a client would, then terminate and add a pipelined command.
-    wire = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
-    wire += b".\r\nQUIT\r\n"
+def feed_in_pieces(wire: bytes, cuts: list[int]) -> tuple[DataDecoder, list[bytes], bytes]:
+    """Feeds ``wire`` in pieces of the sizes in ``cuts`` (repeated) until the message ends;
+    returns the decoder, what it passed on, and every byte after the terminator."""
     out: list[bytes] = []
     dec = DataDecoder(out.append, max_size=10**9, max_line=MAX_LINE)
     rest = None
@@ -38,7 +35,17 @@ def test_matches_reference_for_any_chunking(lines: list[bytes], cuts: list[int])
         pos += step
         i += 1
     assert dec.done and rest is not None
-    assert rest + wire[pos:] == b"QUIT\r\n"
+    return dec, out, rest + wire[pos:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(line, max_size=30), st.lists(st.integers(1, 97), min_size=1, max_size=40))
+def test_matches_reference_for_any_chunking(lines: list[bytes], cuts: list[int]) -> None:
+    # Dot-stuff like a client would, then terminate and add a pipelined command.
+    wire = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
+    wire += b".\r\nQUIT\r\n"
+    dec, out, rest = feed_in_pieces(wire, cuts)
+    assert rest == b"QUIT\r\n"
     # Stuffed lines are one byte longer on the wire: the limit applies to what was sent.
     sent = [(b"." + x if x.startswith(b".") else x) for x in lines]
     want_error, want_body = reference(sent)
@@ -83,17 +90,8 @@ def test_bare_cr_and_lf_are_flagged_exactly(lines: list[bytes], cuts: list[int])
         content, after = wire[:p + 2], wire[p + 5:]
     leftover = content.replace(b"\r\n", b"")
     bare = b"\r" in leftover or b"\n" in leftover
-    out: list[bytes] = []
-    dec = DataDecoder(out.append, max_size=10**9, max_line=MAX_LINE)
-    rest = None
-    pos, i = 0, 0
-    while rest is None and pos < len(wire):
-        step = cuts[i % len(cuts)]
-        rest = dec.feed(wire[pos:pos + step])
-        pos += step
-        i += 1
-    assert dec.done and rest is not None
-    assert rest + wire[pos:] == after
+    dec, out, rest = feed_in_pieces(wire, cuts)
+    assert rest == after
     assert dec.error == (BARE_EOL if bare else OK)
     if not bare:
         want = content[1:] if content.startswith(b".") else content
