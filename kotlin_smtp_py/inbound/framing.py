@@ -25,6 +25,13 @@ LINE_TOO_LONG = "line-too-long"
 TOO_BIG = "too-big"
 
 
+def stray_cr_lf(data: bytes) -> int:
+    """How many CRs and LFs in ``data`` are not part of a CRLF. Every CRLF holds one CR and
+    one LF, so this is the CRs and LFs together less twice the CRLFs: two passes instead of
+    three counts (counting was 2 of the ~3.5 ms the DATA path spent per MB)."""
+    return len(data) - len(data.translate(None, b"\r\n")) - 2 * data.count(b"\r\n")
+
+
 class DataDecoder:
     """Feeds DATA bytes; calls ``sink`` with unstuffed content; reports the end and leftovers."""
 
@@ -122,10 +129,7 @@ class DataDecoder:
         self._at_crlf_line_start = block.endswith(b"\r\n")
         if self._in_overlong:
             self._in_overlong = False
-        # Every CRLF holds one CR and one LF, so there is no bare CR or LF exactly when the
-        # CRs and LFs together number twice the CRLFs: two passes instead of three counts
-        # (counting was 2 of the ~3.5 ms this method spent per MB).
-        if 2 * block.count(b"\r\n") != len(block) - len(block.translate(None, b"\r\n")):
+        if stray_cr_lf(block):
             self._fail(BARE_EOL)
         if len(block) > self._max_line + 2 and self._has_long_line(block):
             self._fail(LINE_TOO_LONG)

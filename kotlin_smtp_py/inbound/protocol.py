@@ -41,7 +41,13 @@ from kotlin_smtp_py.envelope import (
     parse_path,
     unique_hex,
 )
-from kotlin_smtp_py.inbound.framing import BARE_EOL, LINE_TOO_LONG, TOO_BIG, DataDecoder
+from kotlin_smtp_py.inbound.framing import (
+    BARE_EOL,
+    LINE_TOO_LONG,
+    TOO_BIG,
+    DataDecoder,
+    stray_cr_lf,
+)
 from kotlin_smtp_py.inbound.policy import SessionInfo
 from kotlin_smtp_py.interfaces import ISpoolWriter, IWriterHint
 from kotlin_smtp_py.log import debug_enabled
@@ -866,10 +872,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         if not chunk:
             return
         joined = tx.bdat_last_cr and chunk.startswith(b"\n")
-        # CRs and LFs that are not part of a CRLF (in this chunk, or across the boundary
-        # with the previous or next one); two passes, as in DataDecoder.
-        cr_lf = len(chunk) - len(chunk.translate(None, b"\r\n"))
-        bare = (cr_lf - 2 * chunk.count(b"\r\n") - (1 if joined else 0)
+        # A CRLF split across chunk boundaries is not stray: the LF this chunk starts with
+        # (after a CR ending the last one) and the CR it ends with (checked by the next one).
+        bare = (stray_cr_lf(chunk) - (1 if joined else 0)
                 - (1 if chunk.endswith(b"\r") else 0))
         if bare or (tx.bdat_last_cr and not joined):
             tx.bdat_bad_eol = True

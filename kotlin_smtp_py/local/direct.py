@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from kotlin_smtp_py.envelope import Envelope, Recipient
 from kotlin_smtp_py.local.delivery import LocalDelivery, maildir_prefix
+from kotlin_smtp_py.local.maildir import finish_copy, maildir_name
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.spool.scheduler import SpoolEvents, log_delivery, log_finished
 from kotlin_smtp_py.status import DeliveryStatus
@@ -46,6 +47,11 @@ class MaildirTarget:
     prefix: bytes  # the lines local delivery puts above the message
 
 
+def _write_failed(queue_id: str, rcpt: Recipient, exc: OSError) -> None:
+    log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: {error}",
+             queue_id=queue_id, recipient=rcpt.address, error=str(exc))
+
+
 class DirectLocalDelivery:
     """Used by the file spool's commit (``smtp.spool.directLocalDelivery``)."""
 
@@ -61,8 +67,11 @@ class DirectLocalDelivery:
         thread-safe, so this is decided here; the file system is asked on the I/O thread)."""
         if envelope.archive_owner:
             return ()
-        return tuple(r for r in envelope.recipients
-                     if "SUCCESS" not in r.notify and self.routes_to_local(r))
+        return tuple(r for r in envelope.recipients if self._may_go_direct(r))
+
+    def _may_go_direct(self, rcpt: Recipient) -> bool:
+        # NOTIFY=SUCCESS needs the scheduler's notice; plugins and the relay deliver the rest.
+        return "SUCCESS" not in rcpt.notify and self.routes_to_local(rcpt)
 
     def target(self, sender: str, recipients: Sequence[Recipient]) -> MaildirTarget | None:
         """Reactor thread, before the first byte of a message that outgrew memory: its
@@ -71,7 +80,7 @@ class DirectLocalDelivery:
         if len(recipients) != 1:
             return None
         rcpt = recipients[0]
-        if "SUCCESS" in rcpt.notify or not self.routes_to_local(rcpt):
+        if not self._may_go_direct(rcpt):
             return None
         mailboxes, remote = self.local.expand(rcpt.address)
         if remote or len(mailboxes) != 1:
@@ -98,11 +107,25 @@ class DirectLocalDelivery:
                 self.local.write_copies(queue_id, envelope, rcpt.address, mailboxes, source,
                                         check_existing=False)
             except OSError as exc:
-                log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: "
-                         "{error}", queue_id=queue_id, recipient=rcpt.address, error=str(exc))
+                _write_failed(queue_id, rcpt, exc)
                 return tuple(done), True
             done.append(rcpt)
         return tuple(done), False
+
+    @staticmethod
+    def link_sync(queue_id: str, envelope: Envelope, target: MaildirTarget, fd: int,
+                  tmp: str | None) -> bool:
+        """I/O thread: finish the copy written into ``target`` as the message arrived (fd
+        ``fd``, ``tmp/`` path ``tmp``): fsync, drop it from the page cache, link it into
+        ``new/``. False when that failed (logged): the caller queues the message."""
+        try:
+            finish_copy(target.root, maildir_name(queue_id, target.mailbox,
+                                                  envelope.received_at),
+                        fd, tmp, drop_cache=True)
+        except OSError as exc:
+            _write_failed(queue_id, target.recipient, exc)
+            return False
+        return True
 
     def report(self, entry: QueueEntry) -> None:
         """Reactor thread, after the 250: the same metrics and log lines as a delivery by the

@@ -140,11 +140,15 @@ def finish_copy(root: str, name: str, fd: int, tmp: str | None,
     except FileExistsError:
         return False
     finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _remove_tmp(tmp)
     sync_dir(os.path.join(root, "new"))
     return True
+
+
+def _remove_tmp(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _already_delivered(root: str, name: str) -> bool:
@@ -170,8 +174,7 @@ def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes | by
     Blocking (fsync): call from a thread (a ``DiskIO`` job, which fsyncs ``new/`` for the
     whole batch before reporting success).
     """
-    ensure_maildir(root)
-    if check_existing and _already_delivered(root, name):
+    if check_existing and _already_delivered(root, name):  # (works on a missing Maildir too)
         return False
     fd, tmp = open_copy(root, name)
     try:
@@ -189,9 +192,7 @@ def write_maildir(root: str, name: str, prefix: bytes, message: str | bytes | by
                 write_all(fd, prefix)
                 write_all(fd, message)
         except BaseException:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            _remove_tmp(tmp)
             raise
         return finish_copy(root, name, fd, tmp, drop_cache=large)
     finally:

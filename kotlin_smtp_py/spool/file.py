@@ -46,7 +46,7 @@ from zope.interface import implementer
 from kotlin_smtp_py.diskio import DiskIO, sync_dir, write_all
 from kotlin_smtp_py.envelope import Envelope, Recipient, is_queue_id, new_queue_id, unique_hex
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter, IWriterHint
-from kotlin_smtp_py.local.maildir import copy_file, finish_copy, maildir_name, open_copy
+from kotlin_smtp_py.local.maildir import copy_file, open_copy
 from kotlin_smtp_py.spool.dueindex import DueIndex
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
 
@@ -310,18 +310,11 @@ class FileSpool:
             fh.flush()
             failed = False
             if candidates == (target.recipient,):
-                try:
-                    finish_copy(target.root, maildir_name(entry.queue_id, target.mailbox,
-                                                          entry.envelope.received_at),
-                                fh.fileno(), spill.tmp, drop_cache=True)
-                except OSError as exc:
-                    log.warn("direct delivery of {queue_id} to {recipient} failed, queueing "
-                             "it: {error}", queue_id=entry.queue_id,
-                             recipient=target.recipient.address, error=str(exc))
-                    failed = True
-                else:
+                if self.direct.link_sync(entry.queue_id, entry.envelope, target, fh.fileno(),
+                                         spill.tmp):
                     delivered = entry.evolve(pending=(), delivered_directly=(target.recipient,))
                     return delivered, None, False
+                failed = True
             elif spill.tmp is not None:
                 self.discard_sync_quietly(spill.tmp)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
