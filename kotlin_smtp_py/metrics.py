@@ -126,9 +126,13 @@ def _enable_multiprocess(directory: str) -> None:
     from prometheus_client import values
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    if not getattr(values.ValueClass, "_multiprocess", False):
+    # Our own marker, not prometheus_client's ``_multiprocess``: a process started with
+    # PROMETHEUS_MULTIPROC_DIR already set (a spawned worker) got a multiprocess class at
+    # import, keyed by os.getpid, which still costs a system call per update.
+    if not getattr(values.ValueClass, "_cached_pid", False):
         cls: Any = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
         cls._multiprocess = True
+        cls._cached_pid = True
         values.ValueClass = cls
 
 
