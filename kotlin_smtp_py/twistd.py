@@ -10,6 +10,7 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger
 
 from kotlin_smtp_py import config as cfg
+from kotlin_smtp_py.eventloop import lighten_dispatch
 from kotlin_smtp_py.memory import tune_malloc
 
 log = Logger()
@@ -57,6 +58,9 @@ def check_redis_reachable(config: cfg.Config) -> None:
 def make_service(config_path: str | None) -> Any:
     config = load_or_exit(config_path)
     tune_malloc()
+    from twisted.internet import reactor
+
+    lighten_dispatch(reactor)  # twistd installed its reactor before asking for the service
     check_redis_reachable(config)
     from kotlin_smtp_py.service import build_service
     from kotlin_smtp_py.workers import prepare_parent

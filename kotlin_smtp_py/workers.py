@@ -253,12 +253,14 @@ def worker_main(argv: list[str] | None = None) -> int:
     from twisted.internet.task import LoopingCall
     from twisted.logger import globalLogBeginner
 
+    from kotlin_smtp_py.eventloop import lighten_dispatch
     from kotlin_smtp_py.log import configure_logging
     from kotlin_smtp_py.memory import tune_malloc
     from kotlin_smtp_py.twistd import load_or_exit
 
     config = load_or_exit(args.config)
     tune_malloc()
+    lighten_dispatch(reactor)
     globalLogBeginner.beginLoggingTo([configure_logging(config.logging)],
                                      redirectStandardIO=False)
     role = ClusterRole(index=args.index, count=args.count, metrics_dir=args.metrics_dir,
