@@ -35,7 +35,7 @@ def lighten_dispatch(reactor: Any) -> bool:
         return False
     poller = reactor._poller
     selectables: dict[int, Any] = reactor._selectables
-    dispatch = reactor._doReadOrWrite
+    dispatch: Any = reactor._doReadOrWrite
 
     def do_poll(timeout: float | None) -> None:
         try:
@@ -57,5 +57,6 @@ def lighten_dispatch(reactor: Any) -> bool:
                 _log.failure("I/O event handling failed for {selectable!r}",
                              selectable=selectable, event="reactor.dispatch_failed")
 
-    reactor.doPoll = reactor.doIteration = do_poll
+    patched: Any = reactor  # instance attributes shadow the class's methods
+    patched.doPoll = patched.doIteration = do_poll
     return True
