@@ -39,11 +39,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
-    LogLevelFilterPredicate,
     formatEvent,
 )
 from twisted.python.failure import Failure
@@ -86,6 +84,9 @@ class Redactor:
     def __init__(self, words: Iterable[str] = DEFAULT_REDACT) -> None:
         self.words = tuple(w.lower() for w in words if w)
         self._verdicts: dict[str, bool] = {}  # field names are few: decide each once
+        # Per event shape (its keys, in order: fixed per call site): the secret fields and the
+        # other non-``log_`` ones, so a line costs no per-field name checks.
+        self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def is_secret(self, name: str) -> bool:
         verdict = self._verdicts.get(name)
@@ -105,18 +106,40 @@ class Redactor:
             return {k: self.value(str(k), v) for k, v in value.items()}
         return value
 
+    def _shape(self, keys: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        shape = self._shapes.get(keys)
+        if shape is None:
+            fields = [k for k in keys if not (isinstance(k, str) and k.startswith("log_"))]
+            shape = (tuple(k for k in fields if self.is_secret(str(k))),
+                     tuple(k for k in fields if not self.is_secret(str(k))))
+            if len(self._shapes) < 4096:  # bounded even if callers invent names
+                self._shapes[keys] = shape
+        return shape
+
     def event(self, event: LogEvent) -> LogEvent:
         """``event`` with secret fields masked (``log_*`` keys kept as they are): a copy when
         anything was masked, else the event itself (most lines mask nothing)."""
+        secret, others = self._shape(tuple(event))
         masked: LogEvent | None = None
-        for k, v in event.items():
-            if k.startswith("log_"):
+        for k in others:
+            v = event[k]
+            if type(v) is str:  # the common case: only an AUTH line in it changes anything
+                if "auth" not in v.lower():
+                    continue
+                new: Any = self.text(v)
+            elif isinstance(v, (str, Mapping)):
+                new = self.value(k, v)
+            else:
                 continue
-            new = self.value(k, v)
             if new is not v:
                 if masked is None:
                     masked = dict(event)
                 masked[k] = new
+        if secret:
+            if masked is None:
+                masked = dict(event)
+            for k in secret:
+                masked[k] = MASK
         return event if masked is None else masked
 
     @staticmethod
@@ -141,9 +164,15 @@ def _timestamp(event: LogEvent) -> str:
     return f"{_second_cache[1]}.{millis:03d}Z"
 
 
+_LEVEL_NAMES = {level: level.name.upper() for level in LogLevel.iterconstants()}
+
+
 def _level(event: LogEvent) -> str:
-    name = getattr(event.get("log_level"), "name", None)  # LogLevel members are NamedConstants
-    return name.upper() if isinstance(name, str) else "INFO"
+    name = _LEVEL_NAMES.get(event.get("log_level"))  # type: ignore[call-overload]
+    if name is None:  # not a LogLevel member
+        other = getattr(event.get("log_level"), "name", None)
+        name = other.upper() if isinstance(other, str) else "INFO"
+    return name
 
 
 def _logger(event: LogEvent) -> str:
@@ -153,9 +182,18 @@ def _logger(event: LogEvent) -> str:
     return str(namespace or "-")
 
 
+_field_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
 def _fields(event: LogEvent) -> dict[str, Any]:
-    return {k: v for k, v in event.items()
-            if not k.startswith("log_") and not k.startswith("_") and k not in _SKIP_FIELDS}
+    shape = tuple(event)
+    keys = _field_keys.get(shape)
+    if keys is None:  # decided once per event shape, like _extras
+        keys = tuple(k for k in shape if not k.startswith("log_") and not k.startswith("_")
+                     and k not in _SKIP_FIELDS)
+        if len(_field_keys) < 1024:
+            _field_keys[shape] = keys
+    return {k: event[k] for k in keys}
 
 
 def _event_name(event: LogEvent) -> str:
@@ -209,7 +247,8 @@ def format_json(event: LogEvent, redactor: Redactor) -> str:
         "message": _render(event, redactor),
     }
     for key, value in _fields(event).items():
-        record.setdefault(key, _jsonable(value))
+        if key not in record:
+            record[key] = value if type(value) is str else _jsonable(value)
     failure = _failure(event)
     if failure is not None:
         kind = getattr(failure.type, "__name__", "Exception")
@@ -218,19 +257,19 @@ def format_json(event: LogEvent, redactor: Redactor) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
-_extra_keys: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+_extra_keys: dict[tuple[Any, tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _extras(event: LogEvent) -> tuple[str, ...]:
     """The fields a text line shows after the message: those its format does not name.
-    Decided once per format and field set (a few dozen call sites log the same shapes)."""
-    fmt = str(event.get("log_format") or "")
-    names = tuple(k for k in event if not k.startswith("log_") and not k.startswith("_")
-                  and k not in _SKIP_FIELDS)
-    key = (fmt, names)
+    Decided once per format and event shape (a few dozen call sites log the same shapes)."""
+    fmt = event.get("log_format")
+    key = (fmt, tuple(event))
     extras = _extra_keys.get(key)
     if extras is None:
-        extras = tuple(k for k in names if "{" + k not in fmt)
+        text = str(fmt or "")
+        extras = tuple(k for k in event if not k.startswith("log_") and not k.startswith("_")
+                       and k not in _SKIP_FIELDS and "{" + k not in text)
         if len(_extra_keys) < 1024:
             _extra_keys[key] = extras
     return extras
@@ -239,7 +278,7 @@ def _extras(event: LogEvent) -> tuple[str, ...]:
 def format_text(event: LogEvent, redactor: Redactor) -> str:
     """``<timestamp> <LEVEL> [<logger>] <message> key=value...`` (+ traceback lines)."""
     message = _render(event, redactor)
-    extras = " ".join(f"{k}={_jsonable(event[k])}" for k in _extras(event))
+    extras = " ".join([f"{k}={_jsonable(event[k])}" for k in _extras(event)])
     line = f"{_timestamp(event)} {_level(event):<5} [{_logger(event)}] {message}"
     if extras:
         line += f" ({extras})"
@@ -254,12 +293,19 @@ class LineObserver:
     """Writes one formatted line per event and flushes; masks secrets first; never raises."""
 
     def __init__(self, stream: IO[str], formatter: Callable[[LogEvent, Redactor], str],
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None,
+                 level: LogLevel = LogLevel.debug) -> None:
         self.stream = stream
         self.formatter = formatter
         self.redactor = redactor or Redactor()
+        # The level filter as a set lookup: one default level, no per-namespace settings,
+        # so Twisted's FilteringLogObserver and its predicate (~1.5 µs a line) are not needed.
+        order = list(LogLevel.iterconstants())
+        self._shown = frozenset(order[order.index(level):])
 
     def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level", LogLevel.info) not in self._shown:
+            return
         try:
             line = self.formatter(self.redactor.event(event), self.redactor)
         except Exception as exc:  # a broken event must not take the observer down
@@ -292,9 +338,7 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None,
     out = stream if stream is not None else open_output(config.file)
     level = parse_level(config.level)
     _debug_on[0] = level is LogLevel.debug
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    observer: ILogObserver = FilteringLogObserver(LineObserver(out, formatter, redactor),
-                                                  [predicate])
+    observer: ILogObserver = LineObserver(out, formatter, redactor, level)
     return observer
 
 

@@ -127,3 +127,20 @@ def test_hot_path_debug_lines_are_built_only_at_debug_level() -> None:
         assert "shown" in out.getvalue()
     finally:
         logger_for(LoggingConfig(format="text", level="debug"))  # the default for other tests
+
+
+def test_cached_event_shapes_still_mask_each_line() -> None:
+    """Field handling is decided once per event shape; values are still checked per line."""
+    for fmt in ("json", "text"):
+        log, out = logger_for(LoggingConfig(format=fmt, level="info"))
+        for line in ("EHLO client.test", f"AUTH PLAIN {PASSWORD}", "NOOP"):
+            log.info("command {command}", command=line, peer="192.0.2.9", session="S")
+        log.info("command {command}", command="QUIT", peer="192.0.2.9", session="S",
+                 password=PASSWORD)  # a new shape with a secret field
+        text = out.getvalue()
+        assert PASSWORD not in text, fmt
+        assert "EHLO client.test" in text and "NOOP" in text and "QUIT" in text
+        lines = text.splitlines()
+        assert len(lines) == 4
+        assert "AUTH PLAIN ******" in lines[1]
+        assert "******" not in lines[0] + lines[2] and "******" in lines[3]
