@@ -1,12 +1,15 @@
 """SMTP AUTH credential checking against ``smtp.auth.users`` (bcrypt hashes or plaintext).
 
 bcrypt runs in a thread (it costs ~100-250 ms of CPU); unknown users are checked against a dummy
-hash of the same cost, and plaintext values are compared with ``hmac.compare_digest`` after a
-bcrypt round as well, so the answer time does not reveal whether a user exists.
+hash of the same cost as the table's own hashes (the highest cost found there), and plaintext
+values are compared with ``hmac.compare_digest`` after such a bcrypt round as well, so the
+answer time does not reveal whether a user exists. The dummy hash is made on first use, not at
+import (~70 ms per process at cost 10, paid by every worker and CLI command before).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,17 +21,29 @@ from zope.interface import implementer
 from kotlin_smtp_py.config import is_bcrypt_hash
 from kotlin_smtp_py.interfaces import IAuthChecker
 
-_DUMMY_HASH = bcrypt.hashpw(b"kotlin-smtp-py dummy password", bcrypt.gensalt(rounds=10))
+DEFAULT_DUMMY_COST = 10  # for a table without bcrypt hashes (plaintext users only)
+
+
+@functools.lru_cache(maxsize=8)
+def _dummy_hash(cost: int) -> bytes:
+    return bcrypt.hashpw(b"kotlin-smtp-py dummy password", bcrypt.gensalt(rounds=cost))
+
+
+def dummy_cost(users: Mapping[str, str]) -> int:
+    """The bcrypt cost that a check of an unknown (or plaintext) user must pay."""
+    costs = [int(h[4:6]) for h in users.values() if is_bcrypt_hash(h)]
+    return max(costs, default=DEFAULT_DUMMY_COST)
 
 
 def hash_password(password: str, rounds: int = 12) -> str:
     return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
-def _check_sync(stored: str | None, password: bytes, allow_plaintext: bool) -> bool:
+def _check_sync(stored: str | None, password: bytes, allow_plaintext: bool,
+                cost: int = DEFAULT_DUMMY_COST) -> bool:
     if stored is not None and is_bcrypt_hash(stored):
         return bool(bcrypt.checkpw(password, stored.encode("ascii")))
-    bcrypt.checkpw(password, _DUMMY_HASH)  # equal cost for unknown and plaintext users
+    bcrypt.checkpw(password, _dummy_hash(cost))  # equal cost for unknown and plaintext users
     if stored is None or not allow_plaintext:
         return False
     return hmac.compare_digest(stored.encode("utf-8"), password)
@@ -42,6 +57,7 @@ class UserTableChecker:
                  run_in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> None:
         self.users = dict(users)
         self.allow_plaintext = allow_plaintext
+        self._dummy_cost = dummy_cost(self.users)
         self._thread = run_in_thread or threads.deferToThread
 
     def has_user(self, username: str) -> bool:
@@ -49,4 +65,5 @@ class UserTableChecker:
 
     def check(self, username: str, password: bytes) -> defer.Deferred[bool]:
         stored = self.users.get(username)
-        return self._thread(_check_sync, stored, password, self.allow_plaintext)
+        return self._thread(_check_sync, stored, password, self.allow_plaintext,
+                            self._dummy_cost)
