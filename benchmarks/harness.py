@@ -95,21 +95,6 @@ def banner_ok(port: int) -> bool:
         return False
 
 
-def listening_sockets(port: int) -> int:
-    """LISTEN sockets on ``port`` (several with SO_REUSEPORT)."""
-    n = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
-                n += 1
-    return n
-
-
 def loadavg() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -290,6 +275,7 @@ class OurServer:
              str(self.config_path)], cwd=self.root, env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.tail: collections.deque[bytes] = collections.deque(maxlen=200)
+        self.workers_serving = 0
         threading.Thread(target=self._drain_output, daemon=True).start()
 
         def up() -> bool:
@@ -299,14 +285,18 @@ class OurServer:
             return banner_ok(self.port)
 
         wait_until(up, timeout, what="our SMTP banner")
-        if self.workers is not None and self.workers > 1:  # spawned workers bind later
-            wait_until(lambda: listening_sockets(self.port) >= self.workers, 120,  # type: ignore
-                       interval=0.2, what="every worker listening")
+        if self.workers is not None and self.workers > 1:  # spawned workers start later
+            # Their "serving" line, not a count of LISTEN sockets: with
+            # smtp.workerSockets=shared every process waits on the parent's one.
+            wait_until(lambda: self.workers_serving >= self.workers - 1, 120,  # type: ignore
+                       interval=0.2, what="every worker serving")
 
     def _drain_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in iter(self.proc.stdout.readline, b""):
             self.tail.append(line)
+            if b"SMTP worker" in line and b" serving" in line:
+                self.workers_serving += 1
 
     @property
     def pid(self) -> int:

@@ -276,11 +276,18 @@ class RelayConfig:
     connectionCache: ConnectionCacheConfig = field(default_factory=ConnectionCacheConfig)
 
 
+WORKER_SOCKETS = ("reuseport", "shared")
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     port: int = 2525
-    # Processes serving the SMTP listeners (SO_REUSEPORT); 0 = one per CPU core, 1 = one process.
+    # Processes serving the SMTP listeners; 0 = one per CPU core, 1 = one process.
     workers: int = 0
+    # How they share a port: "reuseport" = a socket each (SO_REUSEPORT, the kernel hashes
+    # connections over them whether their process is busy or not), "shared" = one listening
+    # socket that every process inherits (a free process takes the next connection).
+    workerSockets: str = "reuseport"
     hostname: str = "localhost"
     serviceName: str = "ESMTP"
     listeners: list[ListenerConfig] = field(default_factory=list)
@@ -588,6 +595,9 @@ def validate(config: Config) -> list[str]:
             p.append(f"{key}: must be positive, got {value}")
     if not 0 <= s.workers <= 256:
         p.append(f"smtp.workers: must be between 0 (one per core) and 256, got {s.workers}")
+    if s.workerSockets not in WORKER_SOCKETS:
+        p.append(f"smtp.workerSockets: must be one of {', '.join(WORKER_SOCKETS)}, "
+                 f"got {s.workerSockets!r}")
     if s.limits.maxCommandLineLength < 512:
         p.append("smtp.limits.maxCommandLineLength: must be at least 512 (RFC 5321 §4.5.3.1.4)")
     cc = s.relay.connectionCache

@@ -69,7 +69,9 @@ from kotlin_smtp_py.workers import (
     LISTEN_BACKLOG,
     ClusterRole,
     WorkerSupervisor,
+    adopt_listening,
     listen_reuseport,
+    listen_shared,
     split_local_limits,
 )
 
@@ -493,8 +495,11 @@ class SmtpService(service.MultiService):
                      "SMTP workers are not started (set smtp.workers: 1)")
         elif self.cluster is not None:
             assert self.config_path is not None
-            self.supervisor = WorkerSupervisor(self.reactor, self.cluster, self.config_path,
-                                               [p.getHost().port for p in self.ports])
+            shared = self.config.smtp.workerSockets == "shared"
+            self.supervisor = WorkerSupervisor(
+                self.reactor, self.cluster, self.config_path,
+                [p.getHost().port for p in self.ports],
+                listen_fds=[p.fileno() for p in self.ports] if shared else None)
             self.supervisor.start()
         if self.tls_reporter is not None:
             self.tls_reporter.start()
@@ -564,8 +569,12 @@ class SmtpService(service.MultiService):
             # each dropped client a 1 s retransmit: use the same depth as the worker sockets.
             return self.reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG,
                                           interface=listener.bindAddress)
-        # Several processes on one port: the parent binds first (port 0 resolves there) and
-        # the workers bind the parent's ports.
+        if self.cluster.listen_fds:  # a worker on the parent's sockets (workerSockets shared)
+            return adopt_listening(self.reactor, self.cluster.listen_fds[index], factory)
+        if self.cluster.is_parent and self.config.smtp.workerSockets == "shared":
+            return listen_shared(self.reactor, listener.bindAddress, listener.port, factory)
+        # reuseport: the parent binds first (port 0 resolves there) and the workers bind the
+        # parent's ports.
         port = listener.port if self.cluster.is_parent else self.cluster.ports[index]
         return listen_reuseport(self.reactor, listener.bindAddress, port, factory)
 

@@ -1,10 +1,22 @@
 """Several processes serving the same SMTP ports (``smtp.workers``), one core each.
 
-Model: the process twistd starts is the *parent* (worker 0). It binds every SMTP listener with
-``SO_REUSEPORT`` (the kernel spreads new connections over all sockets bound to the port), then
+Model: the process twistd starts is the *parent* (worker 0). It binds every SMTP listener, then
 spawns ``smtp.workers - 1`` children, ``python -m kotlin_smtp_py.worker --config FILE --index i
---ports P,..``, which bind the same ports the same way and run the same service without the
-management HTTP, operator-request polling or TLS-RPT reporter (parent only).
+--ports P,..``, which run the same service without the management HTTP, operator-request
+polling or TLS-RPT reporter (parent only). How the processes share a port
+(``smtp.workerSockets``):
+
+- ``reuseport`` (default): each process binds its own socket with ``SO_REUSEPORT`` and the
+  kernel hashes new connections over them, whether their process is busy or not: a stopped or
+  stuck process keeps receiving its share, and connections still queued on a process that dies
+  are reset.
+- ``shared``: the children inherit the parent's listening sockets (fds 3, 4, ...;
+  ``--listen-fds N``) and every process waits on the same accept queue, so the next connection
+  goes to a process that is free to take it, as Postfix's smtpd processes (or nginx without
+  ``reuseport``) take theirs. Measured (2 processes, interleaved A/B rounds): 4-8 % more
+  messages per second with a connection per message (W1), the same with 64 clients (W4), but
+  11 % fewer with 8 persistent connections (W2): whichever process wakes first takes more of a
+  burst of new connections, and a persistent connection stays where it landed.
 
 Invariants:
 - Shared state lives outside the processes: the file spool is multi-process safe (flock leases,
@@ -32,7 +44,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
 log = Logger()
@@ -41,6 +53,7 @@ PR_SET_PDEATHSIG = 1
 RESPAWN_MIN_DELAY = 1.0
 RESPAWN_MAX_DELAY = 30.0
 LISTEN_BACKLOG = 1024
+FIRST_LISTEN_FD = 3  # where a worker finds the inherited listening sockets (like systemd's)
 
 
 @dataclass
@@ -51,6 +64,8 @@ class ClusterRole:
     count: int
     metrics_dir: str
     ports: list[int] = field(default_factory=list)  # workers: the parent's bound ports
+    # workers with shared sockets: the inherited listening descriptors, one per listener
+    listen_fds: list[int] = field(default_factory=list)
 
     @property
     def is_parent(self) -> bool:
@@ -107,6 +122,44 @@ def listen_reuseport(reactor: Any, host: str, port: int, factory: Any) -> Any:
         sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
 
 
+class SharedPort(tcp.Port):
+    """A listening port whose socket other processes accept from as well: one connection per
+    readiness event. Twisted's accept loop grows to 20 and more per event, so the first process
+    woken took a whole burst (all eight persistent connections of a load test, say) while the
+    others, woken too, found the queue empty."""
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # Twisted's doRead adapts it after each event; fixed at one here
+
+
+def listen_shared(reactor: Any, host: str, port: int, factory: Any) -> Any:
+    """The parent's listening port for ``smtp.workerSockets: shared``."""
+    p = SharedPort(port, factory, LISTEN_BACKLOG, host, reactor)
+    p.startListening()
+    return p
+
+
+def adopt_listening(reactor: Any, fd: int, factory: Any) -> Any:
+    """A worker's listening port on a socket inherited from the parent (shared sockets)."""
+    probe = socket.socket(fileno=fd)  # only to learn the address family
+    family = probe.family
+    probe.detach()
+    try:
+        p = SharedPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
+            reactor, fd, family, factory)
+        p.startListening()
+        return p
+    finally:
+        # The port holds its own duplicate; the inherited one would keep the socket listening
+        # in this process after the port is stopped at shutdown.
+        os.close(fd)
+
+
 class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
         self.supervisor = supervisor
@@ -126,11 +179,14 @@ class WorkerSupervisor:
     """Parent side: spawns, respawns and stops the worker processes."""
 
     def __init__(self, reactor: Any, role: ClusterRole, config_path: str,
-                 ports: list[int]) -> None:
+                 ports: list[int], listen_fds: list[int] | None = None) -> None:
+        """``listen_fds``: the parent's listening sockets, handed to every worker (shared
+        sockets); None: the workers bind the ``ports`` themselves (SO_REUSEPORT)."""
         self.reactor = reactor
         self.role = role
         self.config_path = config_path
         self.ports = ports
+        self.listen_fds = listen_fds
         self.children: dict[int, _WorkerProtocol] = {}
         self.delays: dict[int, float] = {}
         self.started_at: dict[int, float] = {}
@@ -145,7 +201,8 @@ class WorkerSupervisor:
         return [sys.executable, "-m", "kotlin_smtp_py.worker", "--config", self.config_path,
                 "--index", str(index), "--count", str(self.role.count),
                 "--ports", ",".join(str(p) for p in self.ports),
-                "--metrics-dir", self.role.metrics_dir, "--parent-pid", str(os.getpid())]
+                "--metrics-dir", self.role.metrics_dir, "--parent-pid", str(os.getpid()),
+                "--listen-fds", str(len(self.listen_fds or ()))]
 
     def spawn(self, index: int) -> None:
         self._respawns.pop(index, None)
@@ -156,8 +213,11 @@ class WorkerSupervisor:
                             "LISTEN_PID", "LISTEN_FDNAMES")}
         env["PROMETHEUS_MULTIPROC_DIR"] = self.role.metrics_dir
         proto = _WorkerProtocol(self, index)
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        for i, fd in enumerate(self.listen_fds or ()):
+            fds[FIRST_LISTEN_FD + i] = fd
         self.reactor.spawnProcess(proto, sys.executable, self.argv(index), env=env,
-                                  childFDs={0: "w", 1: 1, 2: 2})
+                                  childFDs=fds)
         self.children[index] = proto
         self.started_at[index] = time.monotonic()
         log.info("started SMTP worker {index} (pid {pid})", index=index, pid=proto.pid,
@@ -244,6 +304,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ports", required=True)
     parser.add_argument("--metrics-dir", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--listen-fds", type=int, default=0,
+                        help="inherited listening sockets, from fd 3 on (shared sockets)")
     args = parser.parse_args(argv)
     set_parent_death_signal()
     if os.getppid() != args.parent_pid:
@@ -264,7 +326,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([configure_logging(config.logging)],
                                      redirectStandardIO=False)
     role = ClusterRole(index=args.index, count=args.count, metrics_dir=args.metrics_dir,
-                       ports=[int(p) for p in args.ports.split(",") if p])
+                       ports=[int(p) for p in args.ports.split(",") if p],
+                       listen_fds=[FIRST_LISTEN_FD + i for i in range(args.listen_fds)])
     from kotlin_smtp_py.service import SmtpService
 
     svc = SmtpService(config, reactor=reactor, config_path=os.path.abspath(args.config),

@@ -562,3 +562,10 @@ def test_twistd_missing_config_file(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "absent.yaml" in res.stderr and "cannot read config file" in res.stderr, res.stderr
+
+
+def test_worker_sockets_must_be_a_known_mode(base: dict[str, Any]) -> None:
+    _one(_merge(base, {"smtp": {"workerSockets": "round-robin"}}), "smtp.workerSockets",
+         "reuseport", "shared", "round-robin")
+    for mode in ("reuseport", "shared"):
+        assert _load(_merge(base, {"smtp": {"workerSockets": mode}})).smtp.workerSockets == mode

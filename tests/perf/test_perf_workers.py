@@ -228,3 +228,74 @@ def test_a_dead_worker_is_respawned_and_the_port_keeps_serving(mtas: MtaPool) ->
 def _worker_pids_now(parent: int) -> list[int]:
     return [p for p in _children(parent) if _alive(p)
             and b"kotlin_smtp_py.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _served(pids: list[int], port: int) -> dict[int, int]:
+    established = _established_inodes(port)
+    return {pid: len(_socket_inodes(pid) & established) for pid in pids}
+
+
+def _wait_serving(proc: Any, workers: int) -> None:
+    wait_until(lambda: proc.log().count(" serving") >= workers, timeout=120, interval=0.2,
+               message="workers serving")
+
+
+def test_shared_sockets_a_stopped_process_strands_no_connection(mtas: MtaPool) -> None:
+    """``workerSockets: shared``: one accept queue for every process, so connections go to
+    whichever can take them; with SO_REUSEPORT a stopped process would keep getting its share
+    (and those clients would wait for it)."""
+    proc, conf = mtas.new({"smtp": {"workers": 2, "workerSockets": "shared"}})
+    port = proc.port
+    (worker,) = _worker_pids(proc.pid, 1)
+    _wait_serving(proc, 1)
+    assert _established_inodes(port, "0A") <= _socket_inodes(worker)  # the parent's socket
+
+    sessions: list[tuple[socket.socket, Any]] = []
+    try:
+        for stopped, serving in ((worker, proc.pid), (proc.pid, worker)):
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                batch = [_open_session(port) for _ in range(5)]  # greeting and EHLO answered
+                held = _served([stopped, serving], port)
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            sessions += batch
+            assert held[serving] >= 5 and held[stopped] == len(sessions) - 5, held
+        for n, (s, f) in enumerate(sessions):
+            _send(s, f, n)
+            s.sendall(b"QUIT\r\n")
+            assert _reply(f).startswith(b"221")
+    finally:
+        for s, _ in sessions:
+            s.close()
+
+    mailbox = Path(conf["smtp"]["storage"]["mailboxDir"])
+    wait_until(lambda: len(maildir_files(mailbox, "alice")) >= len(sessions), timeout=60,
+               message="delivery of every message")
+    assert len(maildir_files(mailbox, "alice")) == len(sessions)
+    management = int(conf["management"]["server"]["port"])
+    assert _metric(management, "smtp_messages_accepted_total") == len(sessions)
+    rc, _ = proc.terminate(timeout=60)
+    assert rc == 0, proc.log()
+    wait_until(lambda: not _alive(worker), timeout=30, message="worker to exit")
+
+
+def test_shared_sockets_a_respawned_worker_gets_the_socket_again(mtas: MtaPool) -> None:
+    proc, _ = mtas.new({"smtp": {"workers": 2, "workerSockets": "shared"}})
+    (worker,) = _worker_pids(proc.pid, 1)
+    _wait_serving(proc, 1)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: any(p != worker for p in _worker_pids_now(proc.pid)), timeout=60,
+               message="a replacement worker")
+    _stray_workers.extend(_worker_pids_now(proc.pid))
+    _wait_serving(proc, 2)  # the replacement's own "serving" line
+    os.kill(proc.pid, signal.SIGSTOP)  # only the replacement can answer now
+    try:
+        s, f = _open_session(proc.port)
+        s.sendall(b"QUIT\r\n")
+        assert _reply(f).startswith(b"221")
+        s.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    rc, _ = proc.terminate(timeout=60)
+    assert rc == 0, proc.log()
