@@ -31,7 +31,12 @@ class SmtpReply:
         return out
 
     def encode(self) -> bytes:
-        return b"".join(line + b"\r\n" for line in self.lines())
+        if "\n" in self.text or not self.text:
+            return b"".join(line + b"\r\n" for line in self.lines())
+        # One line, the common case: one format and one encode (seven replies per message).
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8", "replace")
+        return f"{self.code} {self.text}\r\n".encode("utf-8", "replace")
 
     @property
     def transient(self) -> bool:

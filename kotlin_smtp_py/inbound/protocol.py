@@ -92,6 +92,9 @@ def _split_path(arg: str, keyword: str) -> tuple[str, str] | None:
     rest = arg[len(keyword):].lstrip(" ")
     if not rest.startswith("<"):
         return None
+    if '"' not in rest:  # no quoted local part (nearly always): the first ">" closes the path
+        i = rest.find(">")
+        return None if i < 0 else (rest[:i + 1], rest[i + 1:].strip())
     quoted = False
     i = 1
     while i < len(rest):
