@@ -8,6 +8,7 @@ RFC 5321 §4.1.1.3 asks; the remaining mailbox is what routing and relay policy 
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -49,6 +50,12 @@ class Address:
     literal: bool = False
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:
+        # Cached (an address is rendered for the reply, the log line, the envelope, the
+        # Maildir prefix ...: seven times per message); not a field, so eq/hash ignore it.
         local = self.local
         if not _ATOM_UTF8.match(local.replace(".", "a")) or local.startswith(".") \
                 or local.endswith(".") or ".." in local:

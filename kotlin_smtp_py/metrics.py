@@ -200,10 +200,11 @@ class Metrics:
         self._failures = Counter(
             "smtp_spool_delivery_failure", "Failed recipient deliveries.",
             ["domain", "kind", "reason"], registry=r)
-        for outcome in Outcome:
-            self._queue_age.labels(outcome=outcome.value)
-        for result in DeliveryResult:
-            self._recipients.labels(result=result.value)
+        # Children made once (and so exported at zero): labels() takes a lock and a dict
+        # lookup per call, twice per message.
+        self._queue_age_by = {o: self._queue_age.labels(outcome=o.value) for o in Outcome}
+        self._recipients_by = {r: self._recipients.labels(result=r.value)
+                               for r in DeliveryResult}
         self._pending = _PendingCollector()
         self.registry = self._exposition_registry()
 
@@ -269,12 +270,12 @@ class Metrics:
             self._spool_completed.inc()
         elif outcome is Outcome.DROPPED:
             self._spool_dropped.inc()
-        self._queue_age.labels(outcome=outcome.value).observe(max(0.0, age_seconds))
+        self._queue_age_by[outcome].observe(max(0.0, age_seconds))
 
     def delivery_result(self, domain: str, status: DeliveryStatus) -> None:
         """One recipient's attempt: counts the result, and failures by domain/kind/reason."""
         result = result_of(status)
-        self._recipients.labels(result=result.value).inc()
+        self._recipients_by[result].inc()
         if result is DeliveryResult.DELIVERED or status.kind is None:
             return
         self._failures.labels(domain=self.domain_label(domain), kind=status.kind.value,
