@@ -85,6 +85,19 @@ _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([^= \x00-\x1f]*))?\Z")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 
 
+_DIRECT_SEND_ATTRS = ("TLS", "connected", "disconnecting", "_writeDisconnected",
+                      "_tempDataLen", "offset", "dataBuffer", "socket")
+_direct_send: list[bool] = []  # decided on the first tcp.Server of the process
+
+
+def _direct_send_possible(transport: Any) -> bool:
+    """Whether Twisted's tcp.Server still has the attributes ``_write_now`` reads (checked
+    once, so that a Twisted release renaming one switches the shortcut off)."""
+    if not _direct_send:
+        _direct_send.append(all(hasattr(transport, a) for a in _DIRECT_SEND_ATTRS))
+    return _direct_send[0]
+
+
 def _split_path(arg: str, keyword: str) -> tuple[str, str] | None:
     """Split ``FROM:<path> params`` into (path, params); quote-aware ``>`` search."""
     if not arg[:len(keyword)].upper() == keyword:
@@ -259,7 +272,8 @@ class SMTPServerProtocol(smtp.ESMTP):
             # (and Python calls) for large bodies; the buffer is transient per read.
             self.transport.bufferSize = READ_SIZE
         peer = self.transport.getPeer()
-        self.peer_ip = getattr(peer, "host", str(peer))
+        host = getattr(peer, "host", None)  # (a getattr default would render str(peer) always)
+        self.peer_ip = host if host is not None else str(peer)
         self.peer_port = int(getattr(peer, "port", 0))
         self._started = time.monotonic()
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and \
@@ -426,13 +440,18 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._error(R(500, "5.5.2", "Syntax error: invalid characters"))
             return
         verb, _, arg = line.strip().partition(" ")
-        handler = self._verbs.get(verb.upper())
+        verb = verb.upper()
+        handler = self._verbs.get(verb)
         if handler is None:
             self._error(UNRECOGNIZED if verb else R(500, "5.5.2", "Syntax error"))
             return
         arg = arg.strip()
+        chain = self.factory.interceptors
+        if chain is None or not chain.wants(Stage.PRE_COMMAND):
+            self._run(handler, self, arg)  # what _gate would do, without its closure
+            return
         self._run(self._gate, Stage.PRE_COMMAND, lambda: handler(self, arg),
-                  command=verb.upper(), argument="" if verb.upper() == "AUTH" else arg)
+                  command=verb, argument="" if verb == "AUTH" else arg)
 
     def _gate(self, stage: Stage, proceed: Callable[[], Any], **context: Any) -> Any:
         """Run the command interceptors for ``stage``, then ``proceed`` unless one refuses."""
@@ -500,11 +519,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         connection-per-message load). Bytes the kernel does not take are handed to write() as
         usual, so ordering, back-pressure and error handling stay Twisted's."""
         t = self.transport
-        # getattr defaults switch the shortcut off should a Twisted release rename these.
-        if (type(t) is tcp.Server and not getattr(t, "TLS", True) and t.connected
-                and not t.disconnecting and not getattr(t, "_writeDisconnected", True)
-                and not getattr(t, "_tempDataLen", 1)
-                and getattr(t, "offset", -1) == len(getattr(t, "dataBuffer", b""))):
+        if (type(t) is tcp.Server and _direct_send_possible(t) and not t.TLS and t.connected
+                and not t.disconnecting and not t._writeDisconnected and not t._tempDataLen
+                and t.offset == len(t.dataBuffer)):
             try:
                 sent = t.socket.send(data)
             except OSError:
