@@ -128,6 +128,11 @@ def _parse_local(local: str, utf8: bool) -> str:
 
 def parse_mailbox(text: str, utf8: bool = False) -> Address:
     """Parse ``local@domain`` (no angle brackets)."""
+    return _parse_mailbox(text, utf8)
+
+
+@functools.lru_cache(maxsize=4096)  # pure; the same recipients come back all day
+def _parse_mailbox(text: str, utf8: bool) -> Address:
     at = text.rfind("@")
     if at <= 0:
         raise AddressError("address must be local@domain")

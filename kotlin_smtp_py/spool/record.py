@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kotlin_smtp_py.envelope import Envelope, Recipient
@@ -55,7 +55,17 @@ class QueueEntry:
         )
 
     def evolve(self, **changes: Any) -> QueueEntry:
-        return replace(self, **changes)
+        if not changes.keys() <= _ENTRY_FIELDS:
+            return replace(self, **changes)  # raises TypeError naming the unknown field
+        # A copy of the fields with some replaced: what replace() does without rebuilding
+        # every argument and running __init__ (4 -> 0.6 µs; a few per message).
+        new = object.__new__(QueueEntry)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
+
+_ENTRY_FIELDS = frozenset(f.name for f in fields(QueueEntry))
 
 
 @dataclass(frozen=True)
