@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -37,9 +38,14 @@ _SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
 _host: list[str] = []  # gethostname(2) once per process, not once per copy
 
 
+@functools.lru_cache(maxsize=1024)  # a few mailboxes get most of the mail
+def _recipient_digest(recipient: str) -> str:
+    return hashlib.sha1(recipient.lower().encode("utf-8")).hexdigest()[:12]
+
+
 def maildir_name(queue_id: str, recipient: str, received_at: float) -> str:
     """Deterministic unique name: ``<time>.Q<queue id>R<recipient hash>.<host>``."""
-    digest = hashlib.sha1(recipient.lower().encode("utf-8")).hexdigest()[:12]
+    digest = _recipient_digest(recipient)
     if not _host:
         _host.append(_SAFE_HOST.sub("_", socket.gethostname()) or "localhost")
     return f"{int(received_at)}.Q{queue_id}R{digest}.{_host[0]}"
