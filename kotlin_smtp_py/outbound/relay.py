@@ -27,6 +27,7 @@ from zope.interface import implementer
 from kotlin_smtp_py.config import Config, SmtpConfig
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import IDelivery
+from kotlin_smtp_py.log import debug_enabled
 from kotlin_smtp_py.outbound.client import (
     OutboundMessage,
     SessionCache,
@@ -205,8 +206,12 @@ class RelayDelivery:
         return [Target(host, address, hop.port) for address in addresses]
 
     def _log_results(self, entry: QueueEntry, hop: NextHop, results: Results) -> None:
+        # Debug only: the scheduler logs every attempt (event delivery_attempt, with the
+        # answering host as remote_mta); at info this was a second line per recipient.
+        if not debug_enabled():
+            return
         for r, status in results:
-            log.info("delivery {queue_id} to {recipient} via {next_hop}: {code} {enhanced} {text}",
+            log.debug("delivery {queue_id} to {recipient} via {next_hop}: {code} {enhanced} {text}",
                      queue_id=entry.queue_id, recipient=r.address, next_hop=hop.key,
                      code=status.code, enhanced=status.enhanced, text=status.text,
                      status="delivered" if status.ok else status.kind.value if status.kind

@@ -51,12 +51,14 @@ def gave_up(status: DeliveryStatus, attempts: int) -> DeliveryStatus:
 
 def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
                  attempt: int) -> None:
-    """The line every delivery attempt logs (the scheduler's and direct local delivery's)."""
+    """The line every delivery attempt logs (the scheduler's and direct local delivery's),
+    with the host that answered (``remote_mta``) when a peer did."""
+    extra = {"remote_mta": status.remote_mta} if status.remote_mta else {}
     log.info("delivery {queue_id} to {recipient}: {status} {reason}",
              queue_id=entry.queue_id, recipient=rcpt.address,
              status=f"{status.code} {status.enhanced} {status.text}",
              reason="" if status.ok else status.reason.value, attempt=attempt,
-             event="delivery_attempt")
+             event="delivery_attempt", **extra)
 
 
 def log_finished(entry: QueueEntry, outcome: str) -> None:
