@@ -224,22 +224,41 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log")]
-        if self.appendonly:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            args += ["--appendonly", "no"]
-        if self.replica_of is not None:
-            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
-        self.proc = subprocess.Popen(args)
-        wait_until(self._ping, timeout=10, message="redis-server to answer PING")
+        """Start on ``self.port``; should another process take that port between the pick and
+        the bind (our server then exits), start again on a fresh port (three tries)."""
+        for attempt in range(3):
+            args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                    self.dir, "--save", "", "--daemonize", "no",
+                    "--logfile", os.path.join(self.dir, "log")]
+            if self.appendonly:
+                args += ["--appendonly", "yes", "--appendfsync", "always"]
+            else:
+                args += ["--appendonly", "no"]
+            if self.replica_of is not None:
+                args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            self.proc = subprocess.Popen(args)
+            proc = self.proc
+            wait_until(lambda p=proc: p.poll() is not None or self._ours(),
+                       timeout=10, message="redis-server to answer")
+            if proc.poll() is None:
+                return
+            if attempt < 2:
+                self.port = free_port()
+        raise RuntimeError(f"redis-server did not start (see {self.dir}/log)")
 
-    def _ping(self) -> bool:
+    def _ours(self) -> bool:
+        """Whether our redis-server answers on the port (not another process's)."""
+        assert self.proc is not None
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return f"process_id:{self.proc.pid}\r\n".encode() in data
         except OSError:
             return False
 
