@@ -55,8 +55,8 @@ class QueueEntry:
         )
 
     def evolve(self, **changes: Any) -> QueueEntry:
-        if not changes.keys() <= _ENTRY_FIELDS:
-            return replace(self, **changes)  # raises TypeError naming the unknown field
+        if not _FAST_EVOLVE or not changes.keys() <= _ENTRY_FIELDS:
+            return replace(self, **changes)  # raises TypeError naming an unknown field
         # A copy of the fields with some replaced: what replace() does without rebuilding
         # every argument and running __init__ (4 -> 0.6 µs; a few per message).
         new = object.__new__(QueueEntry)
@@ -66,6 +66,8 @@ class QueueEntry:
 
 
 _ENTRY_FIELDS = frozenset(f.name for f in fields(QueueEntry))
+# The field copy in evolve() is only what replace() does while __init__ merely assigns.
+_FAST_EVOLVE = not hasattr(QueueEntry, "__post_init__") and not hasattr(QueueEntry, "__slots__")
 
 
 @dataclass(frozen=True)
