@@ -24,7 +24,10 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import threadable
 from twisted.python.failure import Failure
+
+from kotlin_smtp_py.eventloop import before_poll
 
 log = Logger()
 
@@ -86,6 +89,12 @@ class DiskIO:
         self._stopping = False
         self.batches = 0  # observability for benchmarks/tests: batches run so far
         self.jobs_run = 0
+        # An idle I/O thread is woken once per reactor turn, just before the reactor polls
+        # again, so the jobs one turn submits go out as one batch (fewer wake-ups, directory
+        # fsyncs and GIL hand-offs: W1 +2.7 % msg/s, -3.3 % CPU per message). Reactors
+        # without the hook (eventloop.lighten_dispatch), and other threads, wake it at once.
+        self._deferred_kick = self.threads > 0 and before_poll(reactor, self._kick)
+        self._kick_needed = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """Run ``fn(*args)`` on an I/O thread; the Deferred fires on the reactor thread."""
@@ -104,10 +113,21 @@ class DiskIO:
         with self._cond:
             queue.append((fn, args, d))
             if self._waiting:
-                self._cond.notify()
+                if self._deferred_kick and threadable.isInIOThread():  # type: ignore[no-untyped-call]
+                    self._kick_needed = True
+                else:
+                    self._cond.notify()
             elif len(self._workers) < self.threads:
                 self._start_worker()
         return d
+
+    def _kick(self) -> None:
+        """Before-poll hook: wake an idle I/O thread for what this turn submitted."""
+        if self._kick_needed:
+            self._kick_needed = False
+            with self._cond:
+                if self._waiting:
+                    self._cond.notify()
 
     __call__ = submit  # usable wherever a ``run_in_thread(fn, *args)`` callable is expected
 

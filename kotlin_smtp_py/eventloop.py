@@ -12,17 +12,32 @@ the wrapper. What changes for an operator: an exception escaping a protocol's ha
 logged (by Twisted's ``_doReadOrWrite``, as before) and the connection still dropped, but the
 line names the logger ``-`` instead of the protocol's prefix. Any other reactor class (or a
 Twisted whose epoll reactor no longer has the attributes relied on here) is left alone.
+
+The lighter loop also runs :func:`before_poll` hooks at the end of every turn, before it
+polls again: ``diskio.DiskIO`` wakes its I/O thread there once for all the jobs of the turn.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 
 _log = Logger()
 _NEEDED = ("_poller", "_selectables", "_doReadOrWrite", "doPoll", "doIteration")
+_BEFORE_POLL = "_ksmtp_before_poll"
+
+
+def before_poll(reactor: Any, hook: Callable[[], None]) -> bool:
+    """Run ``hook`` at the end of every reactor turn, before it polls for more events; False
+    when the reactor has not the lighter dispatch (the caller then acts at once instead)."""
+    hooks = getattr(reactor, _BEFORE_POLL, None)
+    if hooks is None:
+        return False
+    hooks.append(hook)
+    return True
 
 
 def lighten_dispatch(reactor: Any) -> bool:
@@ -37,7 +52,14 @@ def lighten_dispatch(reactor: Any) -> bool:
     selectables: dict[int, Any] = reactor._selectables
     dispatch: Any = reactor._doReadOrWrite
 
+    hooks: list[Callable[[], None]] = []
+
     def do_poll(timeout: float | None) -> None:
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                _log.failure("before-poll hook failed", event="reactor.hook_failed")
         try:
             # At most one event per tracked descriptor, as Twisted's own loop asks.
             events = poller.poll(-1 if timeout is None else timeout, len(selectables))
@@ -59,4 +81,5 @@ def lighten_dispatch(reactor: Any) -> bool:
 
     patched: Any = reactor  # instance attributes shadow the class's methods
     patched.doPoll = patched.doIteration = do_poll
+    setattr(patched, _BEFORE_POLL, hooks)
     return True
