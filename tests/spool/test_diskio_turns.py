@@ -27,6 +27,12 @@ def one_turn(rounds_left):
     if rounds_left == 0:
         reactor.stop()
         return
+    # The property is about waking an *idle* I/O thread: let it get back to waiting after the
+    # previous round (under load it may still be on its way, and would then simply take what
+    # it finds queued, one job or five).
+    deadline = time.monotonic() + 10
+    while not io._waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
     before = io.jobs_run, io.batches
     ds = []
     for _ in range(5):
