@@ -299,9 +299,15 @@ class PolicyFetcher:
         port = "" if self.port == 443 else f":{self.port}"
         return f"https://mta-sts.{domain}{port}/.well-known/mta-sts.txt"
 
-    async def fetch(self, domain: str) -> str:
-        agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+    def agent(self) -> Any:
+        """An HTTPS agent that resolves hosts through our DNS servers and verifies them against
+        the configured trust root (``outboundTls.caFile``): also what TLS-RPT reports to
+        ``https:`` URIs are POSTed with."""
+        return Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
             self.reactor, _EndpointFactory(self))
+
+    async def fetch(self, domain: str) -> str:
+        agent = self.agent()
         d: defer.Deferred[Any] = agent.request(b"GET", self.url(domain).encode("ascii"))
         d.addTimeout(self.connect_timeout + self.read_timeout, self.reactor)
         try:

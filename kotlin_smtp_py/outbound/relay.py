@@ -86,7 +86,8 @@ class RelayDelivery:
         return TlsRptReporter(recorder, self.policies.secure_dns, submit,
                               clock if clock is not None else recorder.clock,
                               self._smtp.hostname, rpt.reportingOrg, rpt.contactInfo,
-                              rpt.fromAddress, reactor=self._reactor)
+                              rpt.fromAddress, reactor=self._reactor,
+                              agent=self.policies.https.agent if self.policies.https else None)
 
     def close_idle(self) -> None:
         """Shutdown: QUIT the cached idle sessions."""

@@ -56,8 +56,10 @@ class PlannedTarget:
 class OutboundTlsPolicies:
     def __init__(self, secure_dns: SecureDns, ca_file: str = "",
                  mtasts: MtaStsResolver | None = None, dane: DaneResolver | None = None,
-                 dane_mode: str = "rfc7672", recorder: TlsRptRecorder | None = None) -> None:
+                 dane_mode: str = "rfc7672", recorder: TlsRptRecorder | None = None,
+                 https: PolicyFetcher | None = None) -> None:
         self.secure_dns = secure_dns
+        self.https = https  # HTTPS through our DNS and trust root (MTA-STS, TLS-RPT POSTs)
         self.ca_file = ca_file
         self.mtasts = mtasts
         self.dane = dane
@@ -71,24 +73,23 @@ class OutboundTlsPolicies:
         pol = smtp.relay.outboundPolicy
         tls = smtp.relay.outboundTls
         secure = SecureDns(list(smtp.dns.servers), reactor, smtp.dns.timeoutMs / 1000.0)
+        async def lookup(host: str) -> tuple[str, ...]:
+            return (await mx.addresses(host))[0]
+
+        fetcher = PolicyFetcher(reactor, lookup, trust_root(tls.caFile),
+                                pol.mtaSts.connectTimeoutMs / 1000.0,
+                                pol.mtaSts.readTimeoutMs / 1000.0,
+                                pol.mtaSts.httpsPortOverride or 443)
         mtasts = None
         if pol.mtaSts.enabled:
             cache_dir = pol.mtaSts.policyCacheDir or os.path.join(smtp.spool.dir, "mta-sts")
-
-            async def lookup(host: str) -> tuple[str, ...]:
-                return (await mx.addresses(host))[0]
-
-            fetcher = PolicyFetcher(reactor, lookup, trust_root(tls.caFile),
-                                    pol.mtaSts.connectTimeoutMs / 1000.0,
-                                    pol.mtaSts.readTimeoutMs / 1000.0,
-                                    pol.mtaSts.httpsPortOverride or 443)
             mtasts = MtaStsResolver(secure, fetcher, PolicyCache(cache_dir), clock)
         dane = DaneResolver(secure) if pol.dane.enabled else None
         recorder = None
         if pol.tlsRpt.enabled:
             state = pol.tlsRpt.stateDir or os.path.join(smtp.spool.dir, "tls-rpt")
             recorder = TlsRptRecorder(state, clock, pol.tlsRpt.intervalSeconds)
-        return cls(secure, tls.caFile, mtasts, dane, pol.dane.mode, recorder)
+        return cls(secure, tls.caFile, mtasts, dane, pol.dane.mode, recorder, https=fetcher)
 
     @property
     def domain_policies(self) -> bool:

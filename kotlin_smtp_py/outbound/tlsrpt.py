@@ -237,7 +237,10 @@ class TlsRptReporter:
 
     def __init__(self, recorder: TlsRptRecorder, dns: SecureDns, submit: Submit, clock: Any,
                  hostname: str, org: str = "", contact: str = "", from_address: str = "",
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, agent: Callable[[], Any] | None = None) -> None:
+        """``agent``: makes the HTTP agent for ``https:`` URIs (the MTA-STS fetcher's: our DNS
+        servers and trust root); None: Twisted's default (system resolver and CAs)."""
+        self.agent = agent
         self.recorder = recorder
         self.dns = dns
         self.submit = submit
@@ -323,7 +326,8 @@ class TlsRptReporter:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor
-        agent = Agent(reactor)  # type: ignore[no-untyped-call]
+        agent = self.agent() if self.agent is not None \
+            else Agent(reactor)  # type: ignore[no-untyped-call]
         d = agent.request(b"POST", uri.encode("ascii"),
                           Headers({b"content-type": [b"application/tlsrpt+gzip"]}),
                           FileBodyProducer(io.BytesIO(data)))  # type: ignore[no-untyped-call]

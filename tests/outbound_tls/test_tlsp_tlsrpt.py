@@ -139,3 +139,38 @@ def test_daily_report_of_mixed_outcomes_reaches_the_local_mailbox(
     assert failure["receiving-ip"] == "127.0.0.1"
     assert failure["sending-mta-ip"] == "127.0.0.1"
     assert failure["failed-session-count"] == 1
+
+
+def test_report_to_an_https_rua_is_posted_through_our_dns_and_trust_root(
+        server, sinks, policy_certs, policy_dns, sts_web) -> None:
+    """``rua=https:`` (RFC 8460 §3, §5.4): the gzipped report is POSTed as
+    application/tlsrpt+gzip. The host resolves only through our DNS servers and its certificate
+    only verifies against ``outboundTls.caFile``: the MTA-STS fetcher's agent is used."""
+    domain = dom("rtls-sts")
+    sts_web.serve(domain, "testing")
+    announce(policy_dns, domain, "rep-https")
+    rua = f"https://mta-sts.{domain}:{sts_web.port}/v1/tlsrpt"
+    on_reactor(policy_dns.zone.set_txt, f"_smtp._tls.{domain}", f"v=TLSRPTv1; rua={rua}")
+    sink = sinks.start(behaviour=Behaviour(
+        tls=server_tls(str(policy_certs.cert), str(policy_certs.key))))
+    srv = server({"smtp": {"relay": {"outboundPolicy": {
+        "mtaSts": {"enabled": True, "httpsPortOverride": sts_web.port},
+        "tlsRpt": {"enabled": True, "reportingOrg": "Example Reporter",
+                   "contactInfo": "mailto:tls-admin@localhost"}}}}}, users=("carol",))
+    start = srv.now()
+    rcpt = f"bob@{domain}"
+    submit(srv, policy_certs, "carol@localhost", [rcpt], message("one", to=rcpt))
+    srv.pump(lambda: len(sink.transactions) == 1 and not srv.entries(), message="delivered")
+    sts_web.posts.clear()
+    day = int(start // 86400) * 86400
+    srv.advance(day + 86400 + 2 - srv.now())
+    srv.pump(lambda: sts_web.posts, message="the report POSTed to the https rua")
+
+    [(host, path, ctype, body)] = sts_web.posts
+    assert (host, path, ctype) == (f"mta-sts.{domain}", b"/v1/tlsrpt", "application/tlsrpt+gzip")
+    report = json.loads(gzip.decompress(body))
+    jsonschema.validate(report, SCHEMA, format_checker=jsonschema.FormatChecker())
+    [policy] = report["policies"]
+    assert policy["policy"]["policy-domain"] == domain
+    assert policy["summary"] == {"total-successful-session-count": 1,
+                                 "total-failure-session-count": 0}

@@ -136,6 +136,12 @@ class _Policies(resource.Resource):
         request.setHeader(b"content-type", b"text/plain")
         return policy.encode()
 
+    def render_POST(self, request: Any) -> bytes:  # TLS-RPT reports to an https: rua
+        host = (request.getHeader("host") or "").split(":")[0].lower()
+        self.web.posts.append((host, request.path, request.getHeader("content-type") or "",
+                               request.content.read()))
+        return b"thanks"
+
 
 @dataclass
 class StsWeb:
@@ -143,6 +149,8 @@ class StsWeb:
     policies: dict[str, str] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)
     fetches: list[str] = field(default_factory=list)
+    # TLS-RPT POSTs: (host, path, content type, body)
+    posts: list[tuple[str, bytes, str, bytes]] = field(default_factory=list)
 
     def serve(self, domain: str, mode: str, mx: tuple[str, ...] = (MX_HOST,),
               max_age: int = 86400) -> None:
