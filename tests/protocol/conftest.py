@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CertSet, deep_merge, on_reactor
+from helpers import CertSet, deep_merge, on_reactor, wait_until
 from protocol_support import Server
 
 from kotlin_smtp_py import config as cfg
@@ -47,6 +47,11 @@ def make_server(tmp_path: Path, certs: CertSet, reactor_thread: None
         svc = on_reactor(SmtpService, config)
         on_reactor(svc.startService)
         started.append(svc)
+        if svc.redis is not None:
+            # Ready means connected: the listener is up at once, the Redis connection a moment
+            # later (under load, after the first message: 451 at DATA, a test flake).
+            redis = svc.redis
+            wait_until(lambda: redis.connected, timeout=30, message="the server's Redis")
         return Server(svc, root)
 
     yield make
