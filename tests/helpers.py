@@ -120,6 +120,42 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # socket states in /proc/net/tcp
+
+
+def tcp_socket_inodes(port: int, state: str = TCP_ESTABLISHED) -> set[str]:
+    """Inodes of the sockets whose local port is ``port`` and whose TCP state is ``state``
+    (server-side connections, or with TCP_LISTEN the listening sockets)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == state:
+                inodes.add(f[9])
+    return inodes
+
+
+def process_socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds (none once it has exited)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free now, for a listener started a little later.
 

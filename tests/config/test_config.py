@@ -7,7 +7,6 @@ opens its port.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import yaml
 from kotlin_smtp_py import config as cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+from helpers import TCP_LISTEN, process_socket_inodes, tcp_socket_inodes
 from mtaproc import TWISTD, make_config, proc_env, write_config
 
 
@@ -496,28 +496,6 @@ def test_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 # -- twistd refuses to start ------------------------------------------------------------------
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                f = line.split()
-                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
-                    inodes.add(f[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    return inodes
-
-
 def _run_twistd_watching_port(config_path: Path, port: int) -> subprocess.CompletedProcess[str]:
     """Run twistd; while it runs, watch whether *it* listens on ``port`` — it never may.
     (Connecting would also reach another test's server that happens to get the port.)"""
@@ -528,7 +506,7 @@ def _run_twistd_watching_port(config_path: Path, port: int) -> subprocess.Comple
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            if _listening_inodes(port) & _socket_inodes(proc.pid):
+            if tcp_socket_inodes(port, TCP_LISTEN) & process_socket_inodes(proc.pid):
                 connected = True
             time.sleep(0.02)
         out, err = proc.communicate(timeout=10)

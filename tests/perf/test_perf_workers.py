@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
-from helpers import wait_until
+from helpers import TCP_LISTEN, process_socket_inodes, tcp_socket_inodes, wait_until
 from mtaproc import MtaPool, maildir_files, spool_entries
 
 CONNECTIONS = 24  # P(all on one of 2 SO_REUSEPORT sockets) = 2 * 2**-24
@@ -85,37 +85,9 @@ def _worker_pids(parent: int, expected: int) -> list[int]:
 
 def _wait_listening(pids: list[int], port: int) -> None:
     """Until every worker has bound the shared port (a loaded machine may take seconds)."""
-    wait_until(lambda: all(_socket_inodes(p) & _established_inodes(port, "0A") for p in pids),
+    wait_until(lambda: all(process_socket_inodes(p) & tcp_socket_inodes(port, TCP_LISTEN)
+                           for p in pids),
                timeout=120, interval=0.2, message="workers listening on the shared port")
-
-
-def _established_inodes(port: int, state: str = "01") -> set[str]:
-    """Inodes of server-side sockets on 127.0.0.1:port (01 = ESTABLISHED, 0A = LISTEN)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            local_port = int(f[1].rsplit(":", 1)[1], 16)
-            if local_port == port and f[3] == state:
-                inodes.add(f[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        m = re.fullmatch(r"socket:\[(\d+)\]", target)
-        if m:
-            out.add(m.group(1))
-    return out
 
 
 def _reply(f: Any) -> bytes:
@@ -165,8 +137,8 @@ def test_two_workers_share_the_port_deliver_once_and_aggregate_metrics(mtas: Mta
     sessions = []
     try:
         sessions += [_open_session(port) for _ in range(CONNECTIONS)]
-        established = _established_inodes(port)
-        served = {pid: len(_socket_inodes(pid) & established) for pid in (proc.pid, worker)}
+        established = tcp_socket_inodes(port)
+        served = {pid: len(process_socket_inodes(pid) & established) for pid in (proc.pid, worker)}
         assert served[proc.pid] > 0 and served[worker] > 0, served
         assert sum(served.values()) == len(sessions), served
         for n, (s, f) in enumerate(sessions):
@@ -231,8 +203,8 @@ def _worker_pids_now(parent: int) -> list[int]:
 
 
 def _served(pids: list[int], port: int) -> dict[int, int]:
-    established = _established_inodes(port)
-    return {pid: len(_socket_inodes(pid) & established) for pid in pids}
+    established = tcp_socket_inodes(port)
+    return {pid: len(process_socket_inodes(pid) & established) for pid in pids}
 
 
 def _wait_serving(proc: Any, workers: int) -> None:
@@ -248,7 +220,8 @@ def test_shared_sockets_a_stopped_process_strands_no_connection(mtas: MtaPool) -
     port = proc.port
     (worker,) = _worker_pids(proc.pid, 1)
     _wait_serving(proc, 1)
-    assert _established_inodes(port, "0A") <= _socket_inodes(worker)  # the parent's socket
+    # the worker holds the parent's one listening socket
+    assert tcp_socket_inodes(port, TCP_LISTEN) <= process_socket_inodes(worker)
 
     sessions: list[tuple[socket.socket, Any]] = []
     try:
