@@ -185,15 +185,21 @@ def _logger(event: LogEvent) -> str:
 _field_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
-def _fields(event: LogEvent) -> dict[str, Any]:
+def _field_names(event: LogEvent) -> tuple[str, ...]:
+    """The event's own fields (not ``log_*``, ``_*`` or our top-level names), decided once
+    per event shape (a few dozen call sites log the same shapes)."""
     shape = tuple(event)
     keys = _field_keys.get(shape)
-    if keys is None:  # decided once per event shape, like _extras
+    if keys is None:
         keys = tuple(k for k in shape if not k.startswith("log_") and not k.startswith("_")
                      and k not in _SKIP_FIELDS)
         if len(_field_keys) < 1024:
             _field_keys[shape] = keys
-    return {k: event[k] for k in keys}
+    return keys
+
+
+def _fields(event: LogEvent) -> dict[str, Any]:
+    return {k: event[k] for k in _field_names(event)}
 
 
 def _event_name(event: LogEvent) -> str:
@@ -262,14 +268,13 @@ _extra_keys: dict[tuple[Any, tuple[str, ...]], tuple[str, ...]] = {}
 
 def _extras(event: LogEvent) -> tuple[str, ...]:
     """The fields a text line shows after the message: those its format does not name.
-    Decided once per format and event shape (a few dozen call sites log the same shapes)."""
+    Decided once per format and event shape."""
     fmt = event.get("log_format")
     key = (fmt, tuple(event))
     extras = _extra_keys.get(key)
     if extras is None:
         text = str(fmt or "")
-        extras = tuple(k for k in event if not k.startswith("log_") and not k.startswith("_")
-                       and k not in _SKIP_FIELDS and "{" + k not in text)
+        extras = tuple(k for k in _field_names(event) if "{" + k not in text)
         if len(_extra_keys) < 1024:
             _extra_keys[key] = extras
     return extras
