@@ -19,24 +19,20 @@ class SmtpReply:
     enhanced: str
     text: str
 
+    def _prefix(self, last: bool) -> str:
+        sep = " " if last else "-"
+        return f"{self.code}{sep}{self.enhanced} " if self.enhanced else f"{self.code}{sep}"
+
     def lines(self) -> list[bytes]:
         parts = self.text.split("\n") if self.text else [""]
-        out: list[bytes] = []
-        for i, part in enumerate(parts):
-            sep = " " if i == len(parts) - 1 else "-"
-            prefix = f"{self.code}{sep}"
-            if self.enhanced:
-                prefix += self.enhanced + " "
-            out.append((prefix + part).encode("utf-8", "replace"))
-        return out
+        return [(self._prefix(i == len(parts) - 1) + part).encode("utf-8", "replace")
+                for i, part in enumerate(parts)]
 
     def encode(self) -> bytes:
-        if "\n" in self.text or not self.text:
+        if "\n" in self.text:
             return b"".join(line + b"\r\n" for line in self.lines())
         # One line, the common case: one format and one encode (seven replies per message).
-        if self.enhanced:
-            return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8", "replace")
-        return f"{self.code} {self.text}\r\n".encode("utf-8", "replace")
+        return (self._prefix(True) + self.text + "\r\n").encode("utf-8", "replace")
 
     @property
     def transient(self) -> bool:
