@@ -73,16 +73,20 @@ class OutboundTlsPolicies:
         pol = smtp.relay.outboundPolicy
         tls = smtp.relay.outboundTls
         secure = SecureDns(list(smtp.dns.servers), reactor, smtp.dns.timeoutMs / 1000.0)
-        async def lookup(host: str) -> tuple[str, ...]:
-            return (await mx.addresses(host))[0]
+        fetcher = None
+        if pol.mtaSts.enabled or pol.tlsRpt.enabled:  # policy fetches, https: report POSTs
 
-        fetcher = PolicyFetcher(reactor, lookup, trust_root(tls.caFile),
-                                pol.mtaSts.connectTimeoutMs / 1000.0,
-                                pol.mtaSts.readTimeoutMs / 1000.0,
-                                pol.mtaSts.httpsPortOverride or 443)
+            async def lookup(host: str) -> tuple[str, ...]:
+                return (await mx.addresses(host))[0]
+
+            fetcher = PolicyFetcher(reactor, lookup, trust_root(tls.caFile),
+                                    pol.mtaSts.connectTimeoutMs / 1000.0,
+                                    pol.mtaSts.readTimeoutMs / 1000.0,
+                                    pol.mtaSts.httpsPortOverride or 443)
         mtasts = None
         if pol.mtaSts.enabled:
             cache_dir = pol.mtaSts.policyCacheDir or os.path.join(smtp.spool.dir, "mta-sts")
+            assert fetcher is not None
             mtasts = MtaStsResolver(secure, fetcher, PolicyCache(cache_dir), clock)
         dane = DaneResolver(secure) if pol.dane.enabled else None
         recorder = None
