@@ -213,8 +213,8 @@ class RelayDelivery:
             return
         for r, status in results:
             log.debug("delivery {queue_id} to {recipient} via {next_hop}: {code} {enhanced} {text}",
-                     queue_id=entry.queue_id, recipient=r.address, next_hop=hop.key,
-                     code=status.code, enhanced=status.enhanced, text=status.text,
-                     status="delivered" if status.ok else status.kind.value if status.kind
-                     else "", reason=None if status.ok else status.reason.value,
-                     remote_mta=status.remote_mta)
+                      queue_id=entry.queue_id, recipient=r.address, next_hop=hop.key,
+                      code=status.code, enhanced=status.enhanced, text=status.text,
+                      status="delivered" if status.ok else status.kind.value if status.kind
+                      else "", reason=None if status.ok else status.reason.value,
+                      remote_mta=status.remote_mta)
