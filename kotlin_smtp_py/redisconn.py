@@ -5,11 +5,15 @@ What this module guarantees to its users (spool, rate limiters, health):
 - Replies are raw: ``charset=None, convertNumbers=False``. Bulk strings come back as ``bytes``,
   integers as ``int``, status replies (``OK``) as ``str``. Callers decode what they need.
 - Every command has a deadline (``commandTimeoutMs``). txredisapi queues commands while the
-  connection is down and they would hang until Redis returns; here a command fails at once with
-  :class:`RedisUnavailable` while no connection is up, and with :class:`RedisUnavailable` at the
-  deadline when the server does not answer. The caller turns that into ``451 4.3.0`` / readiness
-  DOWN. Late replies to timed-out commands are consumed in order and dropped, so the connection
-  stays in sync.
+  connection is down and they would hang until Redis returns; here a command issued while no
+  connection is up waits for the reconnect within its deadline (a restart, a Sentinel failover,
+  the first connection at start-up: the SMTP client gets its 250 instead of a 451 and a retry
+  minutes later), in the order the commands were issued. Once Redis has been unreachable for
+  longer than one deadline (an outage, not a blip), commands fail at once with
+  :class:`RedisUnavailable` rather than each holding its caller for the deadline; the health
+  check (``ping``) never waits. A server that does not answer fails the command at the
+  deadline. The caller turns that into ``451 4.3.0`` / readiness DOWN. Late replies to
+  timed-out commands are consumed in order and dropped, so the connection stays in sync.
 - txredisapi reconnects by itself (backoff capped at :data:`RECONNECT_MAX_DELAY` seconds); work
   resumes when Redis returns without anyone reconnecting by hand.
 - Lua scripts run with EVALSHA and fall back to EVAL when the server answers NOSCRIPT (after a
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -42,6 +48,7 @@ log = Logger()
 
 RECONNECT_INITIAL_DELAY = 0.2
 RECONNECT_MAX_DELAY = 2.0
+RECONNECT_POLL = 0.05  # how often commands waiting for a connection look for one
 
 
 class RedisUnavailable(BackendUnavailable):
@@ -164,6 +171,11 @@ class RedisClient:
         self.clock = clock
         self._sentinel = sentinel
         self._closed = False
+        # Since when no connection has been seen up (None: one is up). Start-up counts as a
+        # disconnect, so commands issued before the first connection wait for it.
+        self._down_since: float | None = clock.seconds()
+        self._waiters: deque[tuple[defer.Deferred[Any], float]] = deque()
+        self._poll_call: Any = None
 
     @classmethod
     def from_config(cls, config: RedisConfig, clock: IReactorTime | None = None) -> RedisClient:
@@ -195,21 +207,80 @@ class RedisClient:
     def connected(self) -> bool:
         return any(getattr(c, "connected", 0) for c in list(self._factory.pool))
 
+    def _live(self) -> Any:
+        """The live protocol instance, or None."""
+        for conn in list(self._factory.pool):
+            if getattr(conn, "connected", 0):
+                if not getattr(conn, "_kotlin_nodelay", False):
+                    _set_nodelay(conn)
+                self._down_since = None
+                return conn
+        return None
+
     def connection(self) -> Any:
         """The live protocol instance, for commands that must share one connection.
         Raises RedisUnavailable when none is up."""
         if self._closed:
             raise RedisUnavailable("redis client is closed")
-        for conn in list(self._factory.pool):
-            if getattr(conn, "connected", 0):
-                if not getattr(conn, "_kotlin_nodelay", False):
-                    _set_nodelay(conn)
-                return conn
-        raise RedisUnavailable(f"not connected to {self.target.describe()}")
+        conn = self._live()
+        if conn is None:
+            raise RedisUnavailable(f"not connected to {self.target.describe()}")
+        return conn
+
+    def connection_soon(self, timeout: float | None = None) -> defer.Deferred[Any]:
+        """The live protocol instance: now, or the first one up within ``timeout`` (default:
+        the command deadline), in the order callers asked. Fails with RedisUnavailable at
+        once when the client is closed or Redis has been unreachable for longer than the
+        command deadline already (see the module docstring), else at ``timeout``."""
+        if self._closed:
+            return defer.fail(RedisUnavailable("redis client is closed"))
+        conn = self._live()
+        if conn is not None:
+            return defer.succeed(conn)
+        now = self.clock.seconds()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since >= self.command_timeout:
+            return defer.fail(RedisUnavailable(f"not connected to {self.target.describe()}"))
+        wait = self.command_timeout if timeout is None else timeout
+
+        def forget(d: defer.Deferred[Any]) -> None:
+            self._waiters = deque(w for w in self._waiters if w[0] is not d)
+
+        d: defer.Deferred[Any] = defer.Deferred(forget)
+        self._waiters.append((d, now + wait))
+        if self._poll_call is None:
+            self._poll_call = self.clock.callLater(RECONNECT_POLL, self._poll)
+        return d
+
+    def _poll(self) -> None:
+        self._poll_call = None
+        conn = self._live()
+        if conn is not None:
+            # All at once and in order: a writer's staged chunks must reach Redis in the
+            # order they were written.
+            waiters, self._waiters = self._waiters, deque()
+            for d, _ in waiters:
+                d.callback(conn)
+            return
+        now = self.clock.seconds()
+        expired = [d for d, deadline in self._waiters if deadline <= now]
+        if expired:
+            self._waiters = deque(w for w in self._waiters if w[1] > now)
+            for d in expired:
+                d.errback(RedisUnavailable(f"not connected to {self.target.describe()}"))
+        if self._waiters:
+            self._poll_call = self.clock.callLater(RECONNECT_POLL, self._poll)
 
     def close(self) -> defer.Deferred[Any]:
         """Stop reconnecting and close the connection."""
         self._closed = True
+        if self._poll_call is not None:
+            self._poll_call.cancel()
+            self._poll_call = None
+        waiters, self._waiters = self._waiters, deque()
+        for d, _ in waiters:
+            d.errback(RedisUnavailable("redis client is closed"))
         ds = [defer.maybeDeferred(self._handler.disconnect)]
         if self._sentinel is not None:
             ds.append(defer.maybeDeferred(self._sentinel.disconnect))
@@ -229,42 +300,60 @@ class RedisClient:
 
         return d.addErrback(translate)
 
-    def execute(self, *args: Any, conn: Any = None,
-                timeout: float | None = None) -> defer.Deferred[Any]:
-        """Run one command; fails with RedisUnavailable when not connected or past the deadline.
-        ``conn`` pins the connection (see :meth:`connection`)."""
+    def _on_connection(self, conn: Any, what: str, timeout: float, wait: bool,
+                       call: Callable[[Any], Any]) -> defer.Deferred[Any]:
+        """``call(connection)`` under one deadline that also covers waiting for the
+        connection (``wait``; else RedisUnavailable at once when none is up)."""
+        if conn is None and not self._closed:
+            conn = self._live()
+        if conn is not None:
+            return self._deadline(defer.maybeDeferred(call, conn), what, timeout)
+        if not wait:
+            try:
+                self.connection()
+            except RedisUnavailable as exc:
+                return defer.fail(exc)
+        started = self.clock.seconds()
+
+        def run(c: Any) -> defer.Deferred[Any]:
+            left = max(timeout - (self.clock.seconds() - started), 0.001)
+            return self._deadline(defer.maybeDeferred(call, c), what, left)
+
+        return self.connection_soon(timeout).addCallback(run)
+
+    def execute(self, *args: Any, conn: Any = None, timeout: float | None = None,
+                wait: bool = True) -> defer.Deferred[Any]:
+        """Run one command; fails with RedisUnavailable past the deadline, or when no
+        connection comes up in time (``wait`` False: at once). ``conn`` pins the connection
+        (see :meth:`connection`)."""
         what = str(args[0]) if args else "command"
-        try:
-            c = conn if conn is not None else self.connection()
-            d = defer.maybeDeferred(c.execute_command, *args)
-        except RedisUnavailable as exc:
-            return defer.fail(exc)
-        return self._deadline(d, what, timeout if timeout is not None else self.command_timeout)
+        return self._on_connection(
+            conn, what, timeout if timeout is not None else self.command_timeout, wait,
+            lambda c: c.execute_command(*args))
 
     def eval(self, script: LuaScript, keys: list[Any], args: list[Any],
              conn: Any = None) -> defer.Deferred[Any]:
         """Run a Lua script (EVALSHA, EVAL on NOSCRIPT) under one deadline."""
-        try:
-            c = conn if conn is not None else self.connection()
-        except RedisUnavailable as exc:
-            return defer.fail(exc)
         keys_and_args = [len(keys), *keys, *args]
 
-        def noscript(failure: Any) -> Any:
-            if failure.check(txredisapi.ResponseError) and \
-                    str(failure.value).startswith("NOSCRIPT"):
-                return c.execute_command("EVAL", script.source, *keys_and_args)
-            return failure
+        def call(c: Any) -> defer.Deferred[Any]:
+            def noscript(failure: Any) -> Any:
+                if failure.check(txredisapi.ResponseError) and \
+                        str(failure.value).startswith("NOSCRIPT"):
+                    return c.execute_command("EVAL", script.source, *keys_and_args)
+                return failure
 
-        d = defer.maybeDeferred(c.execute_command, "EVALSHA", script.sha, *keys_and_args)
-        d.addErrback(noscript)
-        return self._deadline(d, f"script {script.name}", self.command_timeout)
+            d = defer.maybeDeferred(c.execute_command, "EVALSHA", script.sha, *keys_and_args)
+            return d.addErrback(noscript)
+
+        return self._on_connection(conn, f"script {script.name}", self.command_timeout, True,
+                                   call)
 
     async def ping(self) -> tuple[bool, str]:
         """Health check: (True, "ok") or (False, reason). Never raises."""
         started = time.monotonic()
         try:
-            reply = await self.execute("PING")
+            reply = await self.execute("PING", wait=False)
         except Exception as exc:  # any failure means DOWN
             return False, str(exc) or type(exc).__name__
         if reply not in ("PONG", b"PONG"):

@@ -30,9 +30,9 @@ Invariants:
   After the lease may have lapsed it gives up (RedisUnavailable); the entry is then redelivered.
 - ``claim`` copies the raw message to a private temp file in ``tempDir``; the file is removed when
   the claim ends (complete, reschedule, release), whatever the outcome.
-- Every Redis call has a deadline (see :mod:`kotlin_smtp_py.redisconn`); while Redis is down
-  commits fail with RedisUnavailable (the protocol answers 451 4.3.0), claims fail, and work
-  resumes when it returns.
+- Every Redis call has a deadline (see :mod:`kotlin_smtp_py.redisconn`) and waits within it for a
+  reconnect; while Redis stays down commits fail with RedisUnavailable (the protocol answers
+  451 4.3.0), claims fail, and work resumes when it returns.
 - Who retries: the scheduler (it reschedules with the next attempt time); nothing here retries.
 """
 
@@ -369,7 +369,7 @@ class RedisSpool:
         now = self._now()
         entry = QueueEntry(queue_id=queue_id, envelope=envelope, pending=envelope.recipients,
                            next_attempt=now, created=now)
-        conn = self.client.connection() if self.min_replicas > 0 else None
+        conn = await self.client.connection_soon() if self.min_replicas > 0 else None
         result = await self.client.eval(
             _COMMIT, [self.key("stage", queue_id), self.key("msg", queue_id),
                       self.key("meta", queue_id), self.key("due")],

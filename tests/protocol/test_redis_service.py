@@ -76,3 +76,30 @@ def test_redis_outage_answers_451_and_recovers(make_server: Any) -> None:
         assert b"Subject: back" in msg
     finally:
         redis.cleanup()
+
+
+def test_redis_restart_during_a_commit_costs_a_wait_not_a_451(make_server: Any) -> None:
+    """A commit issued while Redis restarts waits for the reconnect (within commandTimeoutMs)
+    and the client gets its 250: no 451 and retry minutes later for a blip."""
+    redis = RedisServer(appendonly=True)
+    redis.start()
+    try:
+        srv = make_server(_redis_overrides(redis, f"t:{uuid.uuid4().hex}"))
+        client = srv.service.redis
+        redis.stop()
+        wait_until(lambda: not client.connected, message="the server to see Redis go")
+        c = Client(srv.port)
+        c.reply()
+        c.cmd("EHLO c.test")
+        c.cmd("MAIL FROM:<a@remote.test>")
+        c.cmd("RCPT TO:<alice@localhost>")
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: during a restart\r\n\r\nkept\r\n.\r\n")
+        wait_until(lambda: len(client._waiters) > 0, message="the commit waiting for Redis")
+        redis.start()  # same port, same data
+        code, lines = c.reply()
+        assert (code, lines[0][:5]) == (250, "2.0.0"), lines
+        (msg,) = srv.wait_messages("alice", 1)
+        assert b"Subject: during a restart" in msg
+    finally:
+        redis.cleanup()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
-from helpers import RedisServer, free_port, on_reactor
+from helpers import RedisServer, free_port, on_reactor, start_redis, wait_until
 from zope.interface.verify import verifyObject
 
 from kotlin_smtp_py.config import RedisConfig
@@ -87,3 +88,70 @@ def test_commands_scripts_and_health(redis_server: RedisServer, reactor_thread: 
     with pytest.raises(RedisUnavailable):
         on_reactor(client.execute, "PING")
     assert on_reactor(client.ping)[0] is False
+
+
+def _stopped_client(timeout_ms: int) -> tuple[RedisServer, RedisClient]:
+    """A private Redis, a client connected to it, and the Redis stopped (client sees it)."""
+    server = start_redis()
+    client: RedisClient = on_reactor(connect, RedisConfig(url=server.url,
+                                                         commandTimeoutMs=timeout_ms))
+    server.stop()
+    wait_until(lambda: not client.connected, timeout=10, message="the client to see Redis go")
+    return server, client
+
+
+def test_commands_wait_for_the_reconnect_in_order(reactor_thread: None) -> None:
+    """A restart (or failover) shorter than the deadline costs the caller a wait, not a 451;
+    commands issued meanwhile reach Redis in the order they were issued."""
+    from twisted.internet import reactor, threads
+
+    server, client = _stopped_client(8000)
+    try:
+        results: list[Any] = []
+
+        def issue() -> None:
+            # (The script last: after a restart its EVALSHA meets NOSCRIPT and is sent again
+            # as EVAL, behind anything issued after it.)
+            for d in (client.execute("SET", "rc:order", "a"),
+                      client.execute("APPEND", "rc:order", "b"),
+                      client.eval(LuaScript("app", "return redis.call('APPEND', KEYS[1], "
+                                                   "ARGV[1])"), ["rc:order"], ["c"])):
+                d.addBoth(results.append)
+
+        threads.blockingCallFromThread(reactor, issue)
+        wait_until(lambda: len(client._waiters) == 3, timeout=10, message="three waiting")
+        assert results == []  # not failed at once, as before
+        server.start()  # the same port
+        wait_until(lambda: len(results) == 3, timeout=15, message="the commands to finish")
+        assert results == ["OK", 2, 3], results
+        assert on_reactor(client.execute, "GET", "rc:order") == b"abc"
+    finally:
+        on_reactor(client.close)
+        server.cleanup()
+
+
+def test_an_outage_longer_than_the_deadline_fails_fast(reactor_thread: None) -> None:
+    server, client = _stopped_client(400)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="not connected"):
+            on_reactor(client.execute, "GET", "rc:x")
+        waited = time.monotonic() - started
+        assert 0.3 < waited < 5, waited  # it waited for a reconnect, within the deadline
+        assert on_reactor(client.ping)[0] is False  # health never waits
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="not connected"):
+            on_reactor(client.execute, "GET", "rc:x")
+        assert time.monotonic() - started < 0.3  # down past the deadline: at once
+        server.start()
+        wait_until(lambda: client.connected, timeout=15, message="the reconnect")
+        assert on_reactor(client.execute, "SET", "rc:x", "1") == "OK"
+        server.stop()  # a new outage gets a new grace period
+        wait_until(lambda: not client.connected, timeout=10, message="Redis gone again")
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            on_reactor(client.execute, "GET", "rc:x")
+        assert time.monotonic() - started > 0.3
+    finally:
+        on_reactor(client.close)
+        server.cleanup()
