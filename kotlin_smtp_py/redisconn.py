@@ -17,7 +17,9 @@ What this module guarantees to its users (spool, rate limiters, health):
 - txredisapi reconnects by itself (backoff capped at :data:`RECONNECT_MAX_DELAY` seconds); work
   resumes when Redis returns without anyone reconnecting by hand.
 - Lua scripts run with EVALSHA and fall back to EVAL when the server answers NOSCRIPT (after a
-  restart or SCRIPT FLUSH), so scripts survive reconnects.
+  restart or SCRIPT FLUSH), so scripts survive reconnects. Every new connection first loads
+  every script (SCRIPT LOAD), because a fallback EVAL goes out behind commands issued after
+  the EVALSHA and would reorder them (a writer's staged chunks, for one).
 - :meth:`RedisClient.connection` pins one connection for commands that must share it (a write
   followed by ``WAIT`` for replicas).
 
@@ -136,7 +138,6 @@ def _tls_options(target: RedisTarget) -> Any:
 
 def _set_nodelay(conn: Any) -> None:
     """Disable Nagle: commands are small writes, and a delayed ACK would add ~40 ms to each."""
-    conn._kotlin_nodelay = True
     transport = conn.transport
     for _ in range(3):  # TLS wraps the TCP transport
         if hasattr(transport, "setTcpNoDelay"):
@@ -151,10 +152,27 @@ def _set_nodelay(conn: Any) -> None:
 class LuaScript:
     """A Lua script run by SHA1 (EVALSHA) with an EVAL fallback on NOSCRIPT."""
 
+    known: dict[str, LuaScript] = {}  # by SHA1: loaded into every new connection
+
     def __init__(self, name: str, source: str) -> None:
         self.name = name
         self.source = source.encode("utf-8")
         self.sha = hashlib.sha1(self.source).hexdigest()
+        LuaScript.known[self.sha] = self
+
+
+def _first_use(conn: Any) -> None:
+    """Once per connection, before its first command: Nagle off, every script loaded (the
+    SCRIPT LOADs are queued ahead of whatever is sent next)."""
+    conn._kotlin_ready = True
+    _set_nodelay(conn)
+    def failed(failure: Failure, name: str) -> None:
+        log.debug("loading script {name} failed: {error}", name=name,
+                  error=failure.getErrorMessage())
+
+    for script in list(LuaScript.known.values()):
+        d = defer.maybeDeferred(conn.execute_command, "SCRIPT", "LOAD", script.source)
+        d.addErrback(failed, script.name)
 
 
 class RedisClient:
@@ -211,8 +229,8 @@ class RedisClient:
         """The live protocol instance, or None."""
         for conn in list(self._factory.pool):
             if getattr(conn, "connected", 0):
-                if not getattr(conn, "_kotlin_nodelay", False):
-                    _set_nodelay(conn)
+                if not getattr(conn, "_kotlin_ready", False):
+                    _first_use(conn)
                 self._down_since = None
                 return conn
         return None

@@ -155,3 +155,30 @@ def test_an_outage_longer_than_the_deadline_fails_fast(reactor_thread: None) -> 
     finally:
         on_reactor(client.close)
         server.cleanup()
+
+
+def test_scripts_keep_their_place_after_a_restart(reactor_thread: None) -> None:
+    """After a restart Redis knows no script. Without loading them on the new connection, an
+    EVALSHA meets NOSCRIPT and its EVAL goes out behind commands issued after it."""
+    from twisted.internet import reactor, threads
+
+    append = LuaScript("append-test", "return redis.call('APPEND', KEYS[1], ARGV[1])")
+    server, client = _stopped_client(8000)
+    try:
+        server.start()
+        wait_until(lambda: client.connected, timeout=15, message="the reconnect")
+        results: list[Any] = []
+
+        def issue() -> None:
+            for d in (client.execute("SET", "rc:s", "a"),
+                      client.eval(append, ["rc:s"], ["b"]),
+                      client.execute("APPEND", "rc:s", "c")):
+                d.addBoth(results.append)
+
+        threads.blockingCallFromThread(reactor, issue)
+        wait_until(lambda: len(results) == 3, timeout=15, message="the commands to finish")
+        assert on_reactor(client.execute, "GET", "rc:s") == b"abc"
+        assert results == ["OK", 2, 3], results
+    finally:
+        on_reactor(client.close)
+        server.cleanup()
