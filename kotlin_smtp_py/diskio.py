@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from twisted.python.failure import Failure
 
-from kotlin_smtp_py.eventloop import before_poll
+from kotlin_smtp_py.eventloop import before_poll, drop_before_poll
 
 log = Logger()
 
@@ -208,5 +208,7 @@ class DiskIO:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        if self._deferred_kick:  # jobs submitted from now on run inline: nothing to wake
+            drop_before_poll(self._reactor, self._kick)
         for t in self._workers:
             t.join(timeout)

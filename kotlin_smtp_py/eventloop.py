@@ -40,6 +40,13 @@ def before_poll(reactor: Any, hook: Callable[[], None]) -> bool:
     return True
 
 
+def drop_before_poll(reactor: Any, hook: Callable[[], None]) -> None:
+    """Stop running ``hook`` (registered with :func:`before_poll`; otherwise nothing)."""
+    hooks = getattr(reactor, _BEFORE_POLL, None)
+    if hooks is not None and hook in hooks:
+        hooks.remove(hook)
+
+
 def lighten_dispatch(reactor: Any) -> bool:
     """Install the lighter ``doPoll`` on ``reactor``; False when it does not apply."""
     try:

@@ -87,3 +87,17 @@ def test_jobs_of_one_reactor_turn_run_as_one_batch() -> None:
 
 def test_a_job_from_another_thread_runs_while_the_reactor_sleeps() -> None:
     assert _run(OTHER_THREAD) == {"ran": True}
+
+
+STOPPED = PRELUDE + r"""
+hooks = getattr(reactor, "_ksmtp_before_poll")
+registered = io._kick in hooks
+io.stop()
+ran = []
+io.submit(ran.append, 1)  # after stop: inline
+print(json.dumps({"registered": registered, "after_stop": io._kick in hooks, "ran": ran}))
+"""
+
+
+def test_a_stopped_diskio_leaves_no_hook_behind() -> None:
+    assert _run(STOPPED) == {"registered": True, "after_stop": False, "ran": [1]}
