@@ -8,6 +8,10 @@
 - FileSpool commit: entries/s of ``open_writer`` + ``write(4 KiB)`` + ``commit`` (two fsyncs per
   entry plus a shared directory fsync), with 1 writer and with 8 concurrent writers on the real
   reactor thread pool (the group commit in ``spool/file.py`` shares directory fsyncs).
+- fsync batches: files/s of k unnamed 4 KiB files in a Maildir ``new/`` (write, fsync, link,
+  one directory fsync per batch), fsync'd one after another as they are written, and with
+  every file's writeback started (``sync_file_range``) before the first fsync. What this disk
+  charges per fsync, and what issuing a batch's writes together would save.
 
 Figures only; nothing is asserted. Spool files go to a temporary directory on the same file
 system as /tmp.
@@ -16,6 +20,7 @@ system as /tmp.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import sys
@@ -108,6 +113,35 @@ def bench_spool(writers: int, seconds: float, root: str) -> tuple[float, int]:
     return result["n"] / result["elapsed"], result["n"]
 
 
+def bench_fsync_batch(k: int, started_together: bool, seconds: float,
+                      root: str) -> float:
+    new = os.path.join(root, f"fsync-{k}-{int(started_together)}", "new")
+    os.makedirs(new)
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    data = os.urandom(4096)
+    n = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fds = []
+        for _ in range(k):
+            fd = os.open(new, os.O_TMPFILE | os.O_RDWR, 0o600)
+            os.write(fd, data)
+            fds.append(fd)
+        if started_together:
+            for fd in fds:
+                libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 2)
+        for fd in fds:
+            os.fsync(fd)
+            n += 1
+            os.link(f"/proc/self/fd/{fd}", os.path.join(new, str(n)), src_dir_fd=fd,
+                    follow_symlinks=True)
+            os.close(fd)
+        dfd = os.open(new, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    return n / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             rate, n = bench_spool(writers, args.seconds, root)
             print(f"FileSpool commit, {writers} writer(s): {rate:8.0f} commits/s "
                   f"({n} commits of 4 KiB)")
+        for k in (1, 4, 8):
+            for together in (False, True):
+                rate = bench_fsync_batch(k, together, args.seconds, root)
+                print(f"fsync batch of {k}, "
+                      f"{'writeback started together' if together else 'one after another':>27}"
+                      f": {rate:8.0f} files/s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
