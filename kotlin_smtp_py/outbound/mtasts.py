@@ -11,6 +11,11 @@ RFC 8461 §5.1:
   ``connectTimeoutMs``/``readTimeoutMs``) and the cache is replaced.
 * A fetch failure or a missing/broken TXT record never replaces or downgrades an unexpired cached
   policy: the cached policy (enforce included) keeps being applied until ``max_age`` runs out.
+* A cached policy still in use is refreshed in the background once it is half its ``max_age``
+  old (at most a day), with the same id: mail to the domain keeps it warm instead of letting
+  it lapse and depending on one fetch at expiry (a blocked or failing policy host at that
+  moment would otherwise turn enforcement off until the next fetch succeeds). The delivery
+  that notices does not wait; a failed refresh keeps the cached policy.
 * The cache lives in ``mtaSts.policyCacheDir`` (default ``<spool dir>/mta-sts``), one JSON file
   per domain written to a temp name and renamed, so it survives restarts.
 
@@ -40,6 +45,8 @@ from zope.interface import implementer
 from kotlin_smtp_py.outbound.dnssec import SecureDns, txt_strings
 
 log = Logger()
+
+REFRESH_AFTER_MAX = 86400.0  # refresh a policy in use at least daily (and at half its max_age)
 
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31557600  # RFC 8461 §3.2
@@ -367,6 +374,7 @@ class MtaStsResolver:
         self.cache = cache
         self.clock = clock
         self.fetches = 0  # HTTPS fetches attempted (observability and tests)
+        self._refreshing: dict[str, defer.Deferred[None]] = {}
 
     async def policy_for(self, domain: str) -> PolicyLookup:
         domain = domain.lower().rstrip(".")
@@ -383,6 +391,8 @@ class MtaStsResolver:
                          detail=answer.detail)
             return PolicyLookup(cached)
         if cached is not None and cached.policy_id == policy_id:
+            if now - cached.fetched_at >= min(cached.policy.max_age / 2, REFRESH_AFTER_MAX):
+                self._refresh_soon(cached)
             return PolicyLookup(cached)
         self.fetches += 1
         try:
@@ -402,3 +412,37 @@ class MtaStsResolver:
         log.info("MTA-STS policy for {domain}: id {policy_id} mode {mode} max_age {max_age}",
                  domain=domain, policy_id=policy_id, mode=policy.mode, max_age=policy.max_age)
         return PolicyLookup(fresh)
+
+    def _refresh_soon(self, cached: CachedPolicy) -> None:
+        domain = cached.domain
+        if domain in self._refreshing:
+            return
+        d = defer.ensureDeferred(self._refresh(cached))
+        if d.called:
+            return
+        self._refreshing[domain] = d
+        d.addBoth(lambda _: self._refreshing.pop(domain, None))
+
+    async def _refresh(self, cached: CachedPolicy) -> None:
+        """Background: fetch the policy again under its id; keep the cached one on failure."""
+        domain = cached.domain
+        self.fetches += 1
+        try:
+            policy = parse_policy(await self.fetcher.fetch(domain))
+        except (FetchError, PolicyError) as exc:
+            detail = exc.detail if isinstance(exc, FetchError) else str(exc)
+            log.warn("MTA-STS policy refresh for {domain} failed: {detail}; the cached policy "
+                     "stays in force until it expires in {left:.0f}s", domain=domain,
+                     detail=detail, left=cached.expires_at - float(self.clock.seconds()))
+            return
+        except Exception:  # a background task: log, never raise into nowhere
+            log.failure("MTA-STS policy refresh for {domain} failed", domain=domain)
+            return
+        current = self.cache.get(domain)
+        if current is not None and current.policy_id != cached.policy_id:
+            return  # a new id was fetched meanwhile: that one wins
+        self.cache.put(CachedPolicy(domain, cached.policy_id, policy,
+                                    float(self.clock.seconds())))
+        log.info("MTA-STS policy for {domain} refreshed: id {policy_id} mode {mode} max_age "
+                 "{max_age}", domain=domain, policy_id=cached.policy_id, mode=policy.mode,
+                 max_age=policy.max_age)

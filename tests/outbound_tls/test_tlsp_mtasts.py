@@ -152,3 +152,48 @@ def test_cached_enforce_survives_fetch_failure_and_restart(policy_dns, sinks, po
         assert len(sink.transactions) == 2 and sink.sessions[-1].tls is False
     finally:
         sts_web.failing.discard(domain)
+
+
+def test_a_policy_in_use_is_refreshed_before_it_expires(policy_dns, sinks, policy_certs,
+                                                        sts_web, tmp_path: Path) -> None:
+    """Mail to the domain keeps its policy warm: past half its max_age a delivery applies the
+    cached policy and fetches it again in the background; a failed refresh keeps it."""
+    from helpers import wait_until
+    from twisted.internet.task import Clock
+
+    domain = dom("warm")
+    sts_web.serve(domain, "enforce", max_age=1000)
+    announce(policy_dns, domain, "w1")
+    sinks.start(behaviour=Behaviour(tls=server_tls(str(policy_certs.cert),
+                                                   str(policy_certs.key))))
+    clock = Clock()  # policy-cache time only; the network runs on the real reactor
+    clock.advance(1_000_000)
+    relay = make_relay(_config(policy_dns, sinks, policy_certs, tmp_path, sts_web), clock=clock)
+    cache_file = tmp_path / "spool" / "mta-sts" / f"{domain}.json"
+
+    def fetched_at() -> float:
+        import json
+        return float(json.loads(cache_file.read_text())["fetched_at"])
+
+    entry, path = make_entry(tmp_path, [f"a@{domain}"], MSG)
+    first = sts_web.fetches.count(domain)
+    assert relay_attempt(relay, entry, path)[0][1].ok
+    assert sts_web.fetches.count(domain) == first + 1 and fetched_at() == 1_000_000
+    clock.advance(499)  # younger than half its max_age: no fetch
+    assert relay_attempt(relay, entry, path)[0][1].ok
+    assert sts_web.fetches.count(domain) == first + 1
+    clock.advance(2)  # now past half: delivered with the cached policy, refreshed meanwhile
+    assert relay_attempt(relay, entry, path)[0][1].ok
+    wait_until(lambda: fetched_at() == 1_000_501, message="the background refresh")
+    assert sts_web.fetches.count(domain) == first + 2
+    # A failing policy host: the refresh fails, the cached policy stays (and is applied).
+    sts_web.failing.add(domain)
+    try:
+        clock.advance(600)
+        assert relay_attempt(relay, entry, path)[0][1].ok
+        wait_until(lambda: sts_web.fetches.count(domain) == first + 3,
+                   message="the failing refresh")
+        assert relay_attempt(relay, entry, path)[0][1].ok  # still the cached policy
+        assert fetched_at() == 1_000_501
+    finally:
+        sts_web.failing.discard(domain)

@@ -25,7 +25,7 @@ from twisted.web.server import Site
 ZONE = "tlsp.test"
 MX_HOST = f"mx.{ZONE}"
 OTHER_MX = f"other.{ZONE}"
-STS_DOMAINS = ("enforce", "testing", "rotate", "cached", "relaxed", "report", "rtls-sts")
+STS_DOMAINS = ("enforce", "testing", "rotate", "cached", "relaxed", "report", "rtls-sts", "warm")
 PLAIN_DOMAINS = ("dane-ok", "dane-bad", "dane-ta", "dane-noad", "basic", "basic-none", "rtls",
                  "rtls-plain")
 
