@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 import types
@@ -451,6 +452,17 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         except ValueError:
             problems.append(f"{path}: expected an integer, got {value!r}")
             return 0
+    if tp is float:
+        if not isinstance(value, bool):
+            try:
+                number = float(str(value).strip())
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+        problems.append(f"{path}: expected a number, got {value!r}")
+        return 0.0
     if tp is str:
         if isinstance(value, (dict, list)):
             problems.append(f"{path}: expected a string, got {type(value).__name__}")
@@ -519,7 +531,12 @@ def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
     raw = _resolve_placeholders(raw, "", problems, os.environ if env is None else env)
     config = _build(Config, raw, "", problems)
     if not problems:
-        problems.extend(validate(config))
+        try:
+            problems.extend(validate(config))
+        except (TypeError, ValueError, AttributeError) as exc:  # a check we got wrong:
+            # still a clear answer and exit code, not a traceback
+            problems.append(f"the configuration could not be checked ({exc}); "
+                            "please report this")
     if problems:
         raise ConfigError(problems)
     return config
@@ -551,9 +568,10 @@ def _writable_dir(path: str, key: str, problems: list[str]) -> None:
         problems.append(f"{key}: directory {path} is not writable")
 
 
-def _check_port(port: int, key: str, problems: list[str]) -> None:
-    if not 0 <= port <= 65535:
-        problems.append(f"{key}: port {port} is outside 0..65535")
+def _check_port(port: int, key: str, problems: list[str], lowest: int = 0) -> None:
+    """``lowest`` 0 for listeners (0: any free port), 1 for ports we connect to."""
+    if not lowest <= port <= 65535:
+        problems.append(f"{key}: port {port} is outside {lowest}..65535")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str, problems: list[str]) -> None:
@@ -628,6 +646,12 @@ def validate(config: Config) -> list[str]:
                   "smtp.relay.outboundPolicy.dane.mode", p)
     _check_port(s.relay.outboundPolicy.mtaSts.httpsPortOverride,
                 "smtp.relay.outboundPolicy.mtaSts.httpsPortOverride", p)
+    for i, port in enumerate(s.relay.outboundTls.ports):
+        _check_port(port, f"smtp.relay.outboundTls.ports[{i}]", p, lowest=1)
+    if s.relay.defaultRoute is not None:
+        _check_port(s.relay.defaultRoute.port, "smtp.relay.defaultRoute.port", p, lowest=1)
+    for i, route in enumerate(s.relay.routes):
+        _check_port(route.port, f"smtp.relay.routes[{i}].port", p, lowest=1)
     if s.relay.outboundPolicy.tlsRpt.intervalSeconds < 60:
         p.append("smtp.relay.outboundPolicy.tlsRpt.intervalSeconds: must be >= 60")
     if not s.auth.allowPlaintextPasswords:

@@ -115,6 +115,18 @@ def test_every_problem_is_reported_at_once(base: dict[str, Any]) -> None:
     ({"smtp": {"hostname": ["a", "b"]}}, "smtp.hostname", "expected a string"),
     ({"smtp": {"limits": 5}}, "smtp.limits", "expected a mapping"),
     ({"smtp": {"listeners": "2525"}}, "smtp.listeners", "expected a list"),
+    ({"smtp": {"relay": {"connectionCache": {"idleSeconds": "abc"}}}},
+     "smtp.relay.connectionCache.idleSeconds", "expected a number"),
+    ({"smtp": {"relay": {"connectionCache": {"idleSeconds": True}}}},
+     "smtp.relay.connectionCache.idleSeconds", "expected a number"),
+    ({"smtp": {"relay": {"connectionCache": {"idleSeconds": ".nan"}}}},
+     "smtp.relay.connectionCache.idleSeconds", "expected a number"),
+    ({"smtp": {"relay": {"outboundTls": {"ports": [25, 70000]}}}},
+     "smtp.relay.outboundTls.ports[1]", "outside 1..65535"),
+    ({"smtp": {"relay": {"routes": [{"domain": "x.test", "host": "h", "port": 0}]}}},
+     "smtp.relay.routes[0].port", "outside 1..65535"),
+    ({"smtp": {"relay": {"defaultRoute": {"host": "h", "port": 99999}}}},
+     "smtp.relay.defaultRoute.port", "outside 1..65535"),
 ])
 def test_wrong_types_name_key(base: dict[str, Any], extra: dict[str, Any], key: str,
                               fragment: str) -> None:
@@ -127,6 +139,15 @@ def test_string_values_are_coerced_like_environment_values(base: dict[str, Any])
     assert config.smtp.port == 2526
     assert config.smtp.ssl.enabled is False
     assert config.smtp.routing.localDomains == ["a.test", "b.test"]
+
+
+def test_number_values_from_placeholders(base: dict[str, Any]) -> None:
+    """A float key set through ${VAR:default} (a string until coerced) is a number."""
+    conf = _merge(base, {"smtp": {"relay": {"connectionCache": {"idleSeconds": "${IDLE:3}"}}}})
+    assert _load(conf).smtp.relay.connectionCache.idleSeconds == 3.0
+    assert _load(conf, env={"IDLE": "0.5"}).smtp.relay.connectionCache.idleSeconds == 0.5
+    _one(conf, "smtp.relay.connectionCache.idleSeconds", "expected a number",
+         env={"IDLE": "soon"})
 
 
 @pytest.mark.parametrize("text", ["smtp: [unclosed", "smtp:\n  port: 1\n port: 2\n"])
