@@ -181,6 +181,6 @@ class SMTPFactory(protocol.ServerFactory):
             session.shutdown()
 
     def abort_all(self) -> None:
+        """The grace period is over: every remaining session gets 421 and is closed."""
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.abortConnection()
+            session.end_for_shutdown()

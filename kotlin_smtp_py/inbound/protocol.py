@@ -362,6 +362,25 @@ class SMTPServerProtocol(smtp.ESMTP):
         if self.transport is not None and self.connected:
             self.transport.abortConnection()
 
+    def end_for_shutdown(self) -> None:
+        """The grace period is over: 421 now, and closed without waiting for the peer to read
+        it or finish its transaction (an unfinished message was never accepted). On plain TCP
+        the reply leaves in one send(2) before the abort; through TLS it is queued and the
+        connection closed in order (the process exits moments later either way)."""
+        t = self.transport
+        if t is None:
+            return
+        if not self._closing:
+            self._out = []
+            self._send(R(421, "4.3.2", f"{self.factory.hostname} Service shutting down"))
+            self._flush()
+            self._closing = True
+            self._mode = "closed"
+        if getattr(t, "TLS", False):
+            t.loseConnection()
+        else:
+            t.abortConnection()
+
     def shutdown(self) -> None:
         """Graceful shutdown: idle sessions get 421 now; sessions in a transaction finish first."""
         if self._closing:
