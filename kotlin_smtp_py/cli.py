@@ -133,6 +133,11 @@ async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any
             n = await spool.retry_now(qid)
             spool.request_retry(qid)
         else:
+            if qid is None and not await spool.flush_slot(
+                    config.smtp.spool.triggerCooldownMillis):
+                print("flush unavailable: a flush was requested moments ago (cooldown)",
+                      file=sys.stderr)
+                return EX_TEMPFAIL
             n = await spool.retry_now(qid)
         if qid is not None and n == 0:
             print(f"{qid}: no such entry, or it is being delivered", file=sys.stderr)

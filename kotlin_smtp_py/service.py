@@ -443,11 +443,18 @@ class SmtpService(service.MultiService):
             return SmtpReply(501, "5.5.4", "Syntax: ETRN domain")
         if session.session_info().auth_user is None:
             return SmtpReply(530, "5.7.0", "Authentication required for ETRN")
+        user = session.session_info().auth_user
         if not self.trigger_gate.fire():
+            log.info("ETRN {domain} by {user} refused: cooldown", domain=arg, user=user,
+                     peer=session.peer_ip, event="etrn_refused")
             return SmtpReply(458, "4.3.0", "Unable to queue messages now, try again later")
         # A bare trigger only runs entries already due; ETRN means "retry this domain's
         # deferred mail now" (RFC 1985), like `queue flush` restricted to the domain.
-        self._etrn_release(arg).addErrback(lambda f: log.failure("ETRN {arg} failed", f, arg=arg))
+        # Logged (event etrn) so that operators can watch how often it is used.
+        self._etrn_release(arg).addCallbacks(
+            lambda n: log.info("ETRN {domain} by {user}: {n} entries due now", domain=arg,
+                               user=user, n=n, peer=session.peer_ip, event="etrn"),
+            lambda f: log.failure("ETRN {arg} failed", f, arg=arg))
         return SmtpReply(250, "2.0.0", "Queuing started")
 
     @defer.inlineCallbacks

@@ -702,6 +702,13 @@ class RedisSpool:
             return defer.succeed(False)
         return _d(self._delete(queue_id))
 
+    def flush_slot(self, cooldown_ms: int) -> defer.Deferred[bool]:
+        """Take the cluster-wide ``queue flush`` slot: False while an earlier flush's
+        cooldown (``triggerCooldownMillis``) runs, on any node or host."""
+        d = self.client.execute("SET", self.key("flush-cooldown"), "1", "PX",
+                                max(int(cooldown_ms), 1), "NX")
+        return d.addCallback(lambda reply: reply is not None)
+
     def retry_now(self, queue_id: str | None) -> defer.Deferred[int]:
         """Make one entry (or all) due now; leased entries are skipped (they are in flight)."""
         async def run() -> int:

@@ -268,14 +268,17 @@ class Scheduler:
         failed: list[Result] = []
         retry: list[Result] = []
         for rcpt, status in results:
+            if not status.ok and status.kind is not FailureKind.PERMANENT and \
+                    attempt > self.max_retries:
+                # The last attempt: the recipient bounces, so metrics (kind="permanent",
+                # the runbook's failure-surge alert) and the log line say so.
+                status = gave_up(status, attempt)
             self.events.delivery_result(entry, rcpt, status)
             log_delivery(entry, rcpt, status, attempt)
             if status.ok:
                 delivered.append((rcpt, status))
             elif status.kind is FailureKind.PERMANENT:
                 failed.append((rcpt, status))
-            elif attempt > self.max_retries:
-                failed.append((rcpt, gave_up(status, attempt)))
             else:
                 retry.append((rcpt, status))
         try:

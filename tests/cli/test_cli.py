@@ -18,7 +18,7 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from helpers import on_reactor, wait_until
+from helpers import RedisServer, on_reactor, wait_until
 from mtaproc import (
     KOTLIN_SMTP,
     PYTHON,
@@ -323,3 +323,22 @@ def test_queue_flush_cooldown_without_server(
     short = write_config(tmp_path / "short.yaml",
                          deep_merge(conf, {"smtp": {"spool": {"triggerCooldownMillis": 1}}}))
     assert run_cli("queue", "flush", "--config", str(short)).returncode == 0
+
+
+def test_queue_flush_cooldown_on_the_redis_spool(tmp_path: Path,
+                                                 redis_server: RedisServer) -> None:
+    """The cooldown holds for the Redis spool too, and across hosts (kept in Redis)."""
+    conf = make_config(tmp_path / "data", overrides={"smtp": {
+        "redis": {"url": redis_server.url},
+        "spool": {"type": "redis", "triggerCooldownMillis": 60000,
+                  "redis": {"keyPrefix": f"cli:{uuid.uuid4().hex}"}}}})
+    path = write_config(tmp_path / "redis.yaml", conf)
+    first = run_cli("queue", "flush", "--config", str(path))
+    assert first.returncode == 0, first.stderr
+    second = run_cli("queue", "flush", "--config", str(path))
+    assert second.returncode == EX_TEMPFAIL, (second.stdout, second.stderr)
+    assert "cooldown" in second.stderr
+    short = write_config(tmp_path / "short.yaml", deep_merge(conf, {"smtp": {"spool": {
+        "triggerCooldownMillis": 1, "redis": {"keyPrefix": f"cli:{uuid.uuid4().hex}"}}}}))
+    assert run_cli("queue", "flush", "--config", str(short)).returncode == 0
+    assert run_cli("queue", "flush", "--config", str(short)).returncode == 0  # 1 ms later

@@ -49,9 +49,30 @@ def _client(server, certs, login: bool = True) -> smtplib.SMTP:
 
 
 def test_etrn_runs_deferred_mail_then_cooldown_refuses(e2e_server, sinks, certs) -> None:
+    from twisted.logger import globalLogPublisher
+
     sink = sinks.start(behaviour=Behaviour())
     server = e2e_server(ETRN_ON)
     first = _deferred(server, sink, certs, "etrn one")
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if str(event.get("event", "")).startswith("etrn"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        _etrn_twice(server, sink, certs, first)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    # Operators watch ETRN use in the logs (runbook playbook C): both outcomes are logged.
+    accepted, refused = events
+    assert (accepted["event"], accepted["domain"], accepted["n"], accepted["user"]) == (
+        "etrn", "normal.test", 1, "carol")
+    assert (refused["event"], refused["domain"]) == ("etrn_refused", "normal.test")
+
+
+def _etrn_twice(server, sink, certs, first) -> None:
     with _client(server, certs) as s:
         assert "etrn" in s.esmtp_features
         code, text = s.docmd("ETRN normal.test")

@@ -240,3 +240,37 @@ def test_a_restart_learns_due_times_from_mtimes_and_never_delivers_early(
     _run(clock, due - clock.seconds() + 1, sched2)
     assert delivery2.calls == [(qid, ["a@localhost"])]
     on_reactor(sched2.stop)
+
+
+def test_the_last_transient_failure_is_reported_as_permanent(tmp_path: Path,
+                                                             reactor_thread: None) -> None:
+    """Retries exhausted: the recipient bounces, so the delivery result observers see (the
+    kind="permanent" failure metric, the delivery_attempt log line) is 5.4.7, not 4.x."""
+    from kotlin_smtp_py.spool.scheduler import SpoolEvents
+    from kotlin_smtp_py.status import FailureKind
+
+    class Recording(SpoolEvents):
+        def __init__(self) -> None:
+            self.results: list[DeliveryStatus] = []
+
+        def delivery_result(self, entry: Any, recipient: Any, status: DeliveryStatus) -> None:
+            self.results.append(status)
+
+    events = Recording()
+    clock, spool, delivery, bouncer, sched = _setup(tmp_path, ["temp"] * 5, max_retries=1,
+                                                    events=events)
+    qid = _enqueue(spool, ["a@localhost"])
+    on_reactor(sched.start)
+    wait_until(lambda: len(events.results) == 1, message="first attempt")
+    assert events.results[0].kind is FailureKind.TRANSIENT  # a retry follows
+    entry = wait_until(lambda: (e := on_reactor(spool.get, qid)) is not None
+                       and e.attempts == 1 and e, message="attempt 1 recorded")
+    _run(clock, entry.next_attempt - clock.seconds(), sched)
+    wait_until(lambda: len(events.results) == 2, message="last attempt")
+    last = events.results[1]
+    assert (last.kind, last.enhanced, last.reason) == (FailureKind.PERMANENT, "5.4.7",
+                                                       Reason.CONNECT)
+    assert "try later" in last.text
+    wait_until(lambda: on_reactor(spool.get, qid) is None, message="entry removed")
+    assert [b[1] for b in bouncer.notices if b[1] == "failed"] == ["failed"]
+    on_reactor(sched.stop)
