@@ -471,6 +471,15 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+# Top-level sections of the Kotlin server's Spring configuration that its runbook has operators
+# set: where the same thing is configured here.
+_FOREIGN_HINTS = {
+    "server": " (Spring's server.shutdown: the drain here is always graceful, its length "
+              "smtp.lifecycle.gracefulShutdownTimeoutMs)",
+    "spring": " (Spring's lifecycle timeout: smtp.lifecycle.gracefulShutdownTimeoutMs)",
+}
+
+
 def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T:
     if data is None:
         data = {}
@@ -486,7 +495,7 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T:
         sub = f"{path}.{key}" if path else key
         if key not in fields:
             near = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            hint = f" (did you mean '{near[0]}'?)" if near else _FOREIGN_HINTS.get(sub, "")
             problems.append(f"{sub}: unknown key{hint}")
             continue
         f = fields[key]

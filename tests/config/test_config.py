@@ -141,6 +141,14 @@ def test_string_values_are_coerced_like_environment_values(base: dict[str, Any])
     assert config.smtp.routing.localDomains == ["a.test", "b.test"]
 
 
+def test_spring_shutdown_keys_point_to_ours(base: dict[str, Any]) -> None:
+    """The Kotlin server's runbook sets Spring's shutdown keys: refused, naming our key."""
+    conf = _merge(base, {"server": {"shutdown": "graceful"},
+                         "spring": {"lifecycle": {"timeout-per-shutdown-phase": "30s"}}})
+    _one(conf, "server", "unknown key", "smtp.lifecycle.gracefulShutdownTimeoutMs")
+    _one(conf, "spring", "unknown key", "smtp.lifecycle.gracefulShutdownTimeoutMs")
+
+
 def test_number_values_from_placeholders(base: dict[str, Any]) -> None:
     """A float key set through ${VAR:default} (a string until coerced) is a number."""
     conf = _merge(base, {"smtp": {"relay": {"connectionCache": {"idleSeconds": "${IDLE:3}"}}}})
