@@ -151,19 +151,32 @@ def systemd_listen_fds(env: dict[str, str] | None = None) -> list[tuple[int, int
 
 
 class TriggerGate:
-    """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing."""
+    """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing.
 
-    def __init__(self, scheduler: Scheduler, cooldown_ms: int, clock: Any) -> None:
+    With a spool that records flush requests (the file spool: ``kotlin-smtp queue flush``
+    leaves one for the running server), the two share one cooldown: an ETRN right after a
+    flush is refused, and a flush right after an ETRN exits 75. Those records carry wall-clock
+    times (another process writes them), so that comparison uses ``time.time()``."""
+
+    def __init__(self, scheduler: Scheduler, cooldown_ms: int, clock: Any,
+                 spool: Any = None) -> None:
         self.scheduler = scheduler
         self.cooldown = cooldown_ms / 1000.0
         self.clock = clock
         self._last = float("-inf")
+        self._last_request = getattr(spool, "last_flush_request", None)
+        self._note = getattr(spool, "note_trigger", None)
 
     def fire(self) -> bool:
         now = float(self.clock.seconds())
         if now - self._last < self.cooldown:
             return False
+        if self._last_request is not None and \
+                time.time() - self._last_request() < self.cooldown:
+            return False
         self._last = now
+        if self._note is not None:
+            self._note()
         self.scheduler.trigger()
         return True
 
@@ -307,7 +320,7 @@ class SmtpService(service.MultiService):
             self.readiness.add(RedisHealthIndicator(self.redis))
         self.health_indicators = [FunctionIndicator("listeners", self._listeners_health)]
         self.trigger_gate = TriggerGate(self.scheduler, s.spool.triggerCooldownMillis,
-                                        self.reactor)
+                                        self.reactor, self.spool)
         self.tls_context = ReloadableTLS(build_tls_context(c)) if s.ssl.enabled else None
         self._build_plugins()
 

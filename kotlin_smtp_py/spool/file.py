@@ -723,6 +723,17 @@ class FileSpool:
             pass
         os.utime(path)
 
+    def note_trigger(self) -> None:
+        """A trigger (ETRN) ran now: ``queue flush`` honours its cooldown too."""
+        path = os.path.join(self.request_dir, "flush.done")
+        try:
+            with open(path, "a"):
+                pass
+            os.utime(path)
+        except OSError as exc:  # a missing mark only shortens one cooldown
+            log.warn("cannot mark the trigger time in {path}: {error}", path=path,
+                     error=str(exc))
+
     def last_flush_request(self) -> float:
         times = [0.0]
         for name in ("flush", "flush.done"):

@@ -139,3 +139,27 @@ def test_etrn_releases_only_the_named_domain(e2e_server, sinks, certs) -> None:
     [left] = server.entries()
     assert (left["queue_id"], left["attempts"]) == (entry["queue_id"], 1)
     assert left["next_attempt"] > server.now()
+
+
+def _flush(server) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("kotlin-smtp")
+    return subprocess.run([str(exe), "queue", "flush", "-c", str(server.config_path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_etrn_and_queue_flush_share_one_cooldown(e2e_server, sinks, certs) -> None:
+    """Both are spool-run triggers: one inside the other's cooldown does nothing (4xx / 75)."""
+    sinks.start(behaviour=Behaviour())
+    server = e2e_server(ETRN_ON)  # triggerCooldownMillis 60 s
+    with _client(server, certs) as s:
+        assert s.docmd("ETRN normal.test")[0] == 250
+    after_etrn = _flush(server)
+    assert after_etrn.returncode == 75, (after_etrn.stdout, after_etrn.stderr)
+    assert "cooldown" in after_etrn.stderr
+
+    other = e2e_server(ETRN_ON)
+    assert _flush(other).returncode == 0
+    with _client(other, certs) as s:
+        code, text = s.docmd("ETRN normal.test")
+        assert code == 458, text
