@@ -187,6 +187,18 @@ def test_4xx_greeting_tries_next_mx(sinks, make_config, tmp_path: Path) -> None:
     assert len(good.transactions) == 1
 
 
+def test_5xx_greeting_tries_next_mx_once_without_retrying_it(sinks, make_config,
+                                                          tmp_path: Path) -> None:
+    """twisted.mail's client factory retries at once even on a 554 greeting; ours talks to
+    each MX once per attempt (the spool owns retries) and moves on to the next."""
+    refusing = sinks.start("127.0.0.4", Behaviour(greeting=b"554 5.7.1 no SMTP service here"))
+    good = sinks.start("127.0.0.1")
+    entry, path = make_entry(tmp_path, ["a@busy.test"], BODY)
+    assert deliver(make_config(), entry, path)[0][1].ok
+    assert len(refusing.sessions) == 1 and refusing.transactions == []
+    assert len(good.transactions) == 1
+
+
 def test_all_mx_unreachable_is_transient_connect(sinks, make_config, tmp_path: Path) -> None:
     entry, path = make_entry(tmp_path, ["a@normal.test"], BODY)  # no sink started
     status = deliver(make_config(), entry, path)[0][1]
