@@ -149,6 +149,28 @@ def _set_nodelay(conn: Any) -> None:
         transport = getattr(transport, "transport", None)
 
 
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """txredisapi's check that a connection reached the master compares ROLE's first item
+    with the str ``"master"``; with our raw replies (``charset=None``) it is ``b"master"``, so
+    every master connection was dropped as soon as it was made and Sentinel never worked."""
+
+    def connectionMade(self) -> Any:
+        def check_role(role: Any) -> Any:
+            first = role[0].decode("ascii", "replace") if isinstance(role[0], bytes) else role[0]
+            if self.factory.is_master and first != "master":
+                self.transport.loseConnection()
+                return defer.succeed(None)
+            return txredisapi.RedisProtocol.connectionMade(self)
+
+        if self.password is not None:
+            self.auth(self.password, self.username)
+        return self.role().addCallback(check_role)
+
+
+class _SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    protocol = _SentinelProtocol
+
+
 class LuaScript:
     """A Lua script run by SHA1 (EVALSHA) with an EVAL fallback on NOSCRIPT."""
 
@@ -210,8 +232,8 @@ class RedisClient:
         if target.sentinels:
             sentinel = txredisapi.Sentinel(list(target.sentinels))
             sentinel.discovery_timeout = connect_timeout
-            handler = sentinel.master_for(target.master_name, dbid=target.db, poolsize=1,
-                                          **kwargs)
+            handler = sentinel.master_for(target.master_name, _SentinelFactory,
+                                          dbid=target.db, poolsize=1, **kwargs)
         else:
             handler = txredisapi.lazyConnection(
                 target.host, target.port, dbid=target.db, reconnect=True,
