@@ -258,7 +258,7 @@ class FileSpool:
         tmp = os.path.join(self.tmp_dir, f"{entry.queue_id}.{unique_hex(4)}.json")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            os.write(fd, entry.to_json_bytes())
+            write_all(fd, entry.to_json_bytes())  # a short write (disk full) must not pass
             # The envelope's mtime is its next attempt, so a scan learns when every entry is
             # due from a stat instead of reading and parsing each file (start-up with a large
             # queue). Claims still read the file and correct the index if the two disagree.
@@ -464,7 +464,9 @@ class FileSpool:
             return None
 
     def _move_corrupt_sync(self, queue_id: str, why: str) -> None:
-        for path in self._paths(queue_id)[:2]:
+        # The envelope first: it is what makes the entry exist (and a message file without
+        # one is an orphan, never an entry without its message).
+        for path in reversed(self._paths(queue_id)):
             try:
                 os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
             except OSError:
@@ -522,9 +524,22 @@ class FileSpool:
         have changed the file since, so it stands in for reading and parsing it again."""
         fd, first = self._lock_first_sync(queue_id)
         if fd is None:
-            return os.path.exists(self._paths(queue_id)[1])
-        entry = committed if first and committed is not None else \
-            self._read_entry_sync(queue_id)
+            eml, js = self._paths(queue_id)
+            if not os.path.exists(js):
+                return False
+            if not os.path.exists(eml):
+                # An envelope without its message (the message file is renamed in before the
+                # envelope and unlinked after it, so this is damage, not a race): set it aside
+                # and count it instead of taking it for an entry locked elsewhere forever.
+                self._move_corrupt_sync(queue_id, "its message file is missing")
+                return False
+            return True
+        try:
+            entry = committed if first and committed is not None else \
+                self._read_entry_sync(queue_id)
+        except BaseException:  # EIO and the like: the lock must not outlive this attempt
+            os.close(fd)
+            raise
         if entry is None:
             os.close(fd)
             return False
