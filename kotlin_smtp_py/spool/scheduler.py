@@ -49,6 +49,16 @@ def gave_up(status: DeliveryStatus, attempts: int) -> DeliveryStatus:
                           status.remote_mta, status.diagnostic)
 
 
+def _checked(got: Any) -> list[Result]:
+    """A delivery's answer as (recipient, status) pairs; TypeError/ValueError if it is not."""
+    out: list[Result] = []
+    for rcpt, status in got:
+        if not isinstance(rcpt, Recipient) or not isinstance(status, DeliveryStatus):
+            raise TypeError(f"a delivery answered {rcpt!r}, {status!r}")
+        out.append((rcpt, status))
+    return out
+
+
 def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
                  attempt: int) -> None:
     """The line every delivery attempt logs (the scheduler's and direct local delivery's),
@@ -230,14 +240,25 @@ class Scheduler:
     # -- one entry -----------------------------------------------------------------------------
 
     async def _deliver_groups(self, claim: Claim) -> list[Result]:
+        """Every pending recipient gets a result. A routing policy or delivery that raises or
+        answers nonsense (plugins) yields a transient failure for its recipients, so the entry
+        is retried with backoff and bounced after maxRetries like any other failure: before,
+        it escaped to a bare release, and the entry was claimed again on every pass, forever."""
         groups: dict[str, tuple[Any, list[Recipient]]] = {}
-        for rcpt in claim.entry.pending:
-            key, delivery = self.router.route(rcpt)
-            groups.setdefault(key, (delivery, []))[1].append(rcpt)
         results: list[Result] = []
+        for rcpt in claim.entry.pending:
+            try:
+                key, delivery = self.router.route(rcpt)
+            except Exception as exc:
+                log.failure("routing {recipient} of {queue_id} raised", recipient=rcpt.address,
+                            queue_id=claim.entry.queue_id)
+                results.append((rcpt, DeliveryStatus.transient(
+                    Reason.OTHER, f"internal error routing the recipient: {exc}", "4.3.0")))
+                continue
+            groups.setdefault(key, (delivery, []))[1].append(rcpt)
         for key, (delivery, rcpts) in groups.items():
             try:
-                got: list[Result] = await delivery.deliver(claim.entry, claim.message_path, rcpts)
+                got = _checked(await delivery.deliver(claim.entry, claim.message_path, rcpts))
             except Exception as exc:  # a delivery must not raise; treat as transient if it does
                 log.failure("delivery to {route} raised", route=key)
                 got = [(r, DeliveryStatus.transient(Reason.OTHER, f"internal error: {exc}",

@@ -156,11 +156,6 @@ class NoneDelivery:
 
 
 @pytest.mark.parametrize("fault", ["router-raises", "delivery-returns-none"])
-@pytest.mark.xfail(strict=True, reason=(
-    "spool/scheduler.py _deliver_groups/_process: router.route() raising, or a delivery "
-    "plugin's malformed result, escapes the per-route try; _process only releases the claim "
-    "(attempts never counted, entry due at once again), so the entry is re-claimed on every "
-    "pass forever (busy loop) and never retried with backoff or bounced"))
 def test_a_routing_or_plugin_fault_ends_in_a_bounce(tmp_path: Path, reactor_thread: None,
                                                     fault: str) -> None:
     clock = _clock()
