@@ -47,8 +47,15 @@ class LocalDelivery:
 
     def expand(self, address: str) -> tuple[list[str], list[str]]:
         """(local mailbox names, remote addresses) that ``address`` stands for."""
+        local, remote, _ = self.expand_checked(address)
+        return local, remote
+
+    def expand_checked(self, address: str) -> tuple[list[str], list[str], list[str]]:
+        """Like :meth:`expand`, plus the list members that reach nobody (unknown local
+        users, lists nested deeper than MAX_LIST_DEPTH), as text for logs and notices."""
         local: list[str] = []
         remote: list[str] = []
+        problems: list[str] = []
         seen: set[str] = set()
 
         def visit(addr: str, depth: int) -> None:
@@ -63,27 +70,43 @@ class LocalDelivery:
                     remote.append(str(parsed))
                 return
             name = self.directory.resolve(parsed.local)
-            if name is None or name in seen:
+            if name is None:
+                if depth > 0:
+                    problems.append(f"{addr}: no such user here")
+                return
+            if name in seen:
                 return
             seen.add(name)
             list_path = self.directory.list_path(name)
             if list_path is not None and depth < MAX_LIST_DEPTH:
                 for member in read_list(list_path):
                     visit(member, depth + 1)
-            elif list_path is None:
+            elif list_path is not None:
+                problems.append(f"{addr}: lists nested deeper than {MAX_LIST_DEPTH}")
+            else:
                 local.append(name)
 
         visit(address, 0)
-        return local, remote
+        return local, remote, problems
 
     def _deliver_one_sync(self, entry: QueueEntry, message_path: str,
                           rcpt: Recipient) -> tuple[DeliveryStatus, list[str]]:
-        local, remote = self.expand(rcpt.address)
+        local, remote, problems = self.expand_checked(rcpt.address)
+        for problem in problems:
+            log.warn("list {recipient} of {queue_id}: member {problem}", recipient=rcpt.address,
+                     queue_id=entry.queue_id, problem=problem, event="list_member_unreachable")
         if not local and not remote:
             if safe_name(rcpt.address.rpartition("@")[0]) is None or \
                     self.directory.resolve(rcpt.address.rpartition("@")[0]) is None:
                 return DeliveryStatus.permanent_failure(
                     Reason.RECIPIENT, "no such user here", "5.1.1"), []
+            if problems:
+                # Like Postfix's bounce of an alias whose members all fail: the sender learns
+                # the list reached nobody (5.4.6 for a nesting loop or depth, RFC 3463).
+                deep = any("nested" in p for p in problems)
+                return DeliveryStatus.permanent_failure(
+                    Reason.RECIPIENT, "list reaches no one: " + "; ".join(problems[:5]),
+                    "5.4.6" if deep else "5.1.1"), []
             return DeliveryStatus.delivered("list has no members"), []
         self.write_copies(entry.queue_id, entry.envelope, rcpt.address, local, message_path,
                           check_existing=not entry.first_delivery)

@@ -290,10 +290,6 @@ def _deliver_to(local: LocalDelivery, tmp_path: Path, address: str) -> DeliveryS
     return status
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "local/delivery.py expand(): a list nested deeper than MAX_LIST_DEPTH is neither "
-    "expanded nor reported; its members are dropped and, when nothing else is left, "
-    "_deliver_one_sync answers 'delivered: list has no members' — no copy, no bounce, no log"))
 def test_a_too_deeply_nested_list_is_not_reported_delivered(tmp_path: Path) -> None:
     local, lists = _local(tmp_path)
     depth = MAX_LIST_DEPTH + 1
@@ -306,10 +302,6 @@ def test_a_too_deeply_nested_list_is_not_reported_delivered(tmp_path: Path) -> N
     assert copies or not status.ok, f"reported {status.text!r} but alice got nothing"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "local/delivery.py expand(): a list member in a local domain that does not exist is "
-    "skipped without a word (resolve() -> None); a list of such members is reported "
-    "'delivered: list has no members' — the message reaches nobody and nobody is told"))
 def test_a_list_of_unknown_local_members_is_not_reported_delivered(tmp_path: Path) -> None:
     local, lists = _local(tmp_path)
     (lists / "team").write_text("ghost@localhost\n")  # e.g. a mailbox removed after a rename
