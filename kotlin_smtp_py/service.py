@@ -55,7 +55,7 @@ from kotlin_smtp_py.routing import DeliveryRouter
 from kotlin_smtp_py.sdnotify import SystemdNotifier, WatchdogPinger
 from kotlin_smtp_py.spool.file import FileSpool
 from kotlin_smtp_py.spool.record import QueueEntry
-from kotlin_smtp_py.spool.redis import RedisSpool
+from kotlin_smtp_py.spool.redis import MessageTooLarge, RedisSpool
 from kotlin_smtp_py.spool.scheduler import Bouncer, Scheduler
 from kotlin_smtp_py.status import SmtpReply
 from kotlin_smtp_py.web.health import (
@@ -200,9 +200,17 @@ class SpoolBouncer(Bouncer):
             return None
         with open(message_path, "rb") as fh:
             original = fh.read()
-        body = dsn.build_dsn(entry, wanted, action, self.hostname, original,
-                             float(self.clock.seconds()))
-        notice = yield self.spool.enqueue(dsn.dsn_envelope(entry), body)
+        now = float(self.clock.seconds())
+        body = dsn.build_dsn(entry, wanted, action, self.hostname, original, now)
+        try:
+            notice = yield self.spool.enqueue(dsn.dsn_envelope(entry), body)
+        except MessageTooLarge:
+            # The notice (the message plus the report) can outgrow what the spool takes
+            # (smtp.spool.redis.maxRawBytes) although the message itself fit: return only its
+            # header, as RET=HDRS would, rather than never telling the sender.
+            body = dsn.build_dsn(entry, wanted, action, self.hostname, original, now,
+                                 headers_only=True)
+            notice = yield self.spool.enqueue(dsn.dsn_envelope(entry), body)
         if self.metrics is not None:
             self.metrics.spool_queued()
         log.info("queued {action} DSN {dsn_id} for {queue_id} to <{sender}>", action=action,

@@ -120,8 +120,11 @@ def _headers_only(original: bytes) -> bytes:
 
 
 def build_dsn(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]], action: str,
-              reporting_mta: str, original: bytes, now: float | None = None) -> bytes:
-    """An RFC 3464 ``multipart/report; report-type=delivery-status`` message."""
+              reporting_mta: str, original: bytes, now: float | None = None,
+              headers_only: bool = False) -> bytes:
+    """An RFC 3464 ``multipart/report; report-type=delivery-status`` message.
+    ``headers_only``: return only the original's header (as RET=HDRS does), e.g. when the
+    whole message would not fit the spool."""
     if action not in ACTIONS:
         raise ValueError(f"unknown DSN action {action!r}")
     now = time.time() if now is None else now
@@ -129,7 +132,7 @@ def build_dsn(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]]
     boundary = f"=_dsn_{os.urandom(12).hex()}"
     while boundary.encode() in original:
         boundary = f"=_dsn_{os.urandom(12).hex()}"
-    hdrs_only = (env.ret or "").upper() == "HDRS"
+    hdrs_only = headers_only or (env.ret or "").upper() == "HDRS"
     returned = _headers_only(original) if hdrs_only else original
     if not returned.endswith(b"\r\n"):
         returned += b"\r\n"

@@ -306,11 +306,16 @@ class Scheduler:
             if failed:
                 await self.bouncer.notify(entry, claim.message_path, failed, "failed")
         except Exception:
-            # The notice is not durable yet: keep every recipient and try the whole run again.
+            # The notice is not durable yet: keep the failed (and retrying) recipients, so the
+            # next run bounces them again, but not the delivered ones (they would get the
+            # message once more on every run), and count the attempt (backoff).
             log.failure("could not queue DSN for {queue_id}; retrying later",
                         queue_id=entry.queue_id)
             delay = retry_delay(self.retry_delay_seconds, max(attempt, 1), self.rng)
-            await self.spool.reschedule(claim, entry.evolve(next_attempt=now + delay))
+            done = {r.address for r, _ in delivered}
+            await self.spool.reschedule(claim, entry.evolve(
+                pending=tuple(r for r in entry.pending if r.address not in done),
+                attempts=attempt, next_attempt=now + delay))
             return
         # Success and delay notices are courtesy: a failure to queue one is logged, not retried.
         fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified]

@@ -195,17 +195,11 @@ def test_a_routing_or_plugin_fault_ends_in_a_bounce(tmp_path: Path, reactor_thre
 
 # -- 3. a failure DSN that can never be queued (Redis maxRawBytes) -------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spool/scheduler.py _process: when the 'failed' DSN cannot be queued the whole entry is "
-    "rescheduled unchanged (attempts not counted, delivered recipients kept). With the Redis "
-    "spool a message near maxRawBytes (accepted: the SMTP limit is min(size, maxRawBytes)) "
-    "gives a DSN larger than maxRawBytes -> MessageTooLarge every time: the sender is never "
-    "told, the good recipient gets the message again on every retry, forever"))
 def test_a_dsn_that_does_not_fit_the_redis_spool_still_ends(redis_spool_factory: Any) -> None:
     clock = _clock()
     spool = redis_spool_factory(max_raw_bytes=4000, clock=clock)
     delivery = ByAddress({"bad@localhost": "perm"})
-    router = DeliveryRouter(frozenset({"localhost"}), delivery)
+    router = DeliveryRouter(frozenset({"localhost"}), delivery, relay=delivery)
     sched = Scheduler(spool, router, SpoolBouncer(spool, "mx.test", clock), clock=clock,
                       rng=random.Random(7), max_retries=3, retry_delay_seconds=60,
                       concurrency=1)
@@ -220,6 +214,8 @@ def test_a_dsn_that_does_not_fit_the_redis_spool_still_ends(redis_spool_factory:
             _settle(clock, 800, sched)  # beyond the longest retry delay (600 s + 20 %)
         assert delivery.delivered.count("good@localhost") == 1, delivery.delivered
         assert on_reactor(spool.get, qid) is None
+        # and the sender is told: a notice carrying only the header fits the spool
+        assert delivery.delivered.count("s@remote.test") == 1, delivery.delivered
     finally:
         on_reactor(sched.stop)
 
