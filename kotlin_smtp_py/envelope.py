@@ -93,6 +93,8 @@ def _parse_literal(text: str) -> str:
     import ipaddress
 
     inner = text[1:-1]
+    if "%" in inner:  # RFC 5321 §4.1.3 has no zone ids (ipaddress accepts "fe80::1%eth0")
+        raise AddressError("invalid address literal")
     try:
         if inner.lower().startswith("ipv6:"):
             ipaddress.IPv6Address(inner[5:])

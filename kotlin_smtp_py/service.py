@@ -450,6 +450,8 @@ class SmtpService(service.MultiService):
         return SmtpReply(252, "2.5.0", "User exists; send mail to attempt delivery")
 
     def _expn(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
+        if not arg:
+            return SmtpReply(501, "5.5.4", "Syntax: EXPN list")
         if session.session_info().auth_user is None:
             return SmtpReply(530, "5.7.0", "Authentication required for EXPN")
         name = self._local_name(arg) if arg else None

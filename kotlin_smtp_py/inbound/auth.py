@@ -35,15 +35,23 @@ def dummy_cost(users: Mapping[str, str]) -> int:
     return max(costs, default=DEFAULT_DUMMY_COST)
 
 
+BCRYPT_MAX_BYTES = 72
+
+
 def hash_password(password: str, rounds: int = 12) -> str:
-    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=rounds)).decode("ascii")
+    return bcrypt.hashpw(password.encode("utf-8")[:BCRYPT_MAX_BYTES],
+                         bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
 def _check_sync(stored: str | None, password: bytes, allow_plaintext: bool,
                 cost: int = DEFAULT_DUMMY_COST) -> bool:
+    # bcrypt reads 72 bytes at most; bcrypt >= 5 raises on more (an internal error, 451,
+    # instead of an answer). Truncate as bcrypt < 5, htpasswd and hashes made by them always
+    # did; the plaintext comparison below still sees the whole password.
+    hashed = password[:BCRYPT_MAX_BYTES]
     if stored is not None and is_bcrypt_hash(stored):
-        return bool(bcrypt.checkpw(password, stored.encode("ascii")))
-    bcrypt.checkpw(password, _dummy_hash(cost))  # equal cost for unknown and plaintext users
+        return bool(bcrypt.checkpw(hashed, stored.encode("ascii")))
+    bcrypt.checkpw(hashed, _dummy_hash(cost))  # equal cost for unknown and plaintext users
     if stored is None or not allow_plaintext:
         return False
     return hmac.compare_digest(stored.encode("utf-8"), password)

@@ -149,6 +149,18 @@ def _path_and_params(arg: str, verb: str,
     return path, params
 
 
+_SIZE_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() takes "²" and "３"
+
+
+def _printable(text: str, allow_utf8: bool = False) -> bool:
+    """No control characters (C0, DEL, C1); nothing beyond US-ASCII unless ``allow_utf8``."""
+    for c in text:
+        o = ord(c)
+        if o < 0x20 or 0x7F <= o <= 0x9F or (o > 0x7F and not allow_utf8):
+            return False
+    return True
+
+
 def _xtext_ok(value: str | None) -> bool:
     return value is not None and bool(_XTEXT.match(value))
 
@@ -439,12 +451,12 @@ class SMTPServerProtocol(smtp.ESMTP):
         del self._buf[:idx + 1]
         if self._discarding_line:
             self._discarding_line = False
-            self._error(LINE_TOO_LONG_REPLY)
+            self._line_too_long()
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > limit:
-            self._error(LINE_TOO_LONG_REPLY)
+            self._line_too_long()
             return True
         if self._mode == "auth":
             self._run(self._auth_continue, line)
@@ -566,6 +578,14 @@ class SMTPServerProtocol(smtp.ESMTP):
     def _error(self, reply: SmtpReply) -> None:
         self._reply(reply)
 
+    def _line_too_long(self) -> None:
+        if self._mode == "auth":  # RFC 4954 §4: the exchange ends, back to commands
+            self._mode = "command"
+            self._auth_state = None
+            self._error(R(500, "5.5.6", "Authentication Exchange line is too long"))
+        else:
+            self._error(LINE_TOO_LONG_REPLY)
+
     # -- session info --------------------------------------------------------------------------
 
     def session_info(self) -> SessionInfo:
@@ -589,7 +609,8 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def _hello(self, arg: str, esmtp: bool) -> SmtpReply:
         name = arg.split(" ")[0] if arg else ""
-        if not name or len(name) > 255:
+        if not name or len(name) > 255 or not _printable(name, allow_utf8=True):
+            # The name is echoed in the reply and written into Received: no CR, NUL, ESC...
             return R(501, "5.5.4", "Syntax: EHLO hostname")
         self._abort_tx()
         self._helo_name = name
@@ -712,7 +733,7 @@ class SMTPServerProtocol(smtp.ESMTP):
     def _check_mail_params(self, params: dict[str, str | None]) -> SmtpReply | None:
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not _SIZE_DIGITS.fullmatch(value):  # RFC 1870: 1*20DIGIT
                     return SYNTAX
                 if int(value) > self.factory.max_size:
                     return R(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -726,7 +747,8 @@ class SMTPServerProtocol(smtp.ESMTP):
                 if value is None or value.upper() not in ("FULL", "HDRS"):
                     return R(501, "5.5.4", "Bad RET parameter")
             elif key == "ENVID":
-                if not _xtext_ok(value) or len(value or "") > 100:
+                if not _xtext_ok(value) or len(value or "") > 100 or \
+                        not _printable(xtext_decode(value or "")):  # RFC 3461 §4.4
                     return R(501, "5.5.4", "Bad ENVID parameter")
             elif key == "AUTH":
                 if not value:
@@ -864,7 +886,7 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def do_BDAT(self, arg: str) -> Any:
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or \
+        if not parts or len(parts) > 2 or not _SIZE_DIGITS.fullmatch(parts[0]) or \
                 (len(parts) == 2 and parts[1].upper() != "LAST"):
             return R(501, "5.5.4", "Syntax: BDAT size [LAST]")
         size = int(parts[0])

@@ -36,6 +36,8 @@ class ProxyHeaderError(ValueError):
 
 
 def _ip(text: str, version: int) -> str:
+    if "%" in text:  # an IPv6 zone id: arbitrary bytes that would become the client's address
+        raise ProxyHeaderError(f"bad address {text!r}")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
