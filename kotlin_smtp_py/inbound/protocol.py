@@ -785,10 +785,13 @@ class SMTPServerProtocol(smtp.ESMTP):
                 notify = items
             elif key == "ORCPT":
                 kind, sep, original = (value or "").partition(";")
+                decoded = xtext_decode(original) if sep else ""
                 if not sep or not kind or not original or \
-                        not (tx.smtputf8 or _xtext_ok(original)):
+                        not (tx.smtputf8 or _xtext_ok(original)) or \
+                        not _printable(decoded, allow_utf8=tx.smtputf8):
+                    # (decoded control characters would reach the DSN's Original-Recipient)
                     return R(501, "5.5.4", "Bad ORCPT parameter")
-                orcpt = f"{kind};{xtext_decode(original)}"
+                orcpt = f"{kind};{decoded}"
             else:
                 return R(555, "5.5.4", f"Unsupported RCPT parameter {key}")
         if path.lower() == "<postmaster>":

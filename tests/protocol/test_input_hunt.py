@@ -207,6 +207,19 @@ def test_envid_decoding_to_control_characters_is_refused(make_server: Any, failu
     no_tracebacks(failures)
 
 
+@pytest.mark.parametrize("orcpt", ["rfc822;a+0D+0Ab@x.test", "rfc822;a+00b@x.test"],
+                         ids=["crlf", "nul"])
+def test_orcpt_decoding_to_control_characters_is_refused(make_server: Any, failures: list[Any],
+                                                         orcpt: str) -> None:
+    srv = make_server()
+    c = Client(srv.port)
+    greet(c)
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+    assert c.cmd(f"RCPT TO:<alice@localhost> ORCPT={orcpt}")[0] == 501
+    assert c.cmd("RCPT TO:<alice@localhost> ORCPT=rfc822;alice+2Btag@localhost")[0] == 250
+    no_tracebacks(failures)
+
+
 def test_expn_without_argument_is_a_syntax_error(make_server: Any) -> None:
     srv = _auth_server(make_server)
     c = Client(srv.port)
