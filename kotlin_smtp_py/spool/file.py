@@ -593,9 +593,11 @@ class FileSpool:
         except LookupError as exc:
             return defer.fail(exc)
         qid = claim.entry.queue_id
+        # The lease is handed to ``work`` now: release_all (shutdown) must not close its fd
+        # while the job is queued or running (a double close could hit a reused fd number).
+        del self._held[qid]
 
         def done(result: object) -> object:
-            self._held.pop(qid, None)
             if next_due is None:
                 self._index.discard(qid)
             else:

@@ -340,3 +340,46 @@ def test_release_all_at_shutdown_keeps_an_in_flight_entry(tmp_path: Path,
     again = on_reactor(restarted.claim, qid)
     assert again is not None and [r.address for r in again.entry.pending] == ["a@localhost"]
     on_reactor(restarted.release, again)
+
+
+def test_release_all_does_not_close_a_lease_being_completed(tmp_path: Path,
+                                                            reactor_thread: None) -> None:
+    """Shutdown's release_all runs on the reactor while a complete() job waits on the disk
+    thread: it must leave that lease's fd to the job. Closing it too meant a second close of
+    the same fd number, which by then could belong to any file or socket opened meanwhile."""
+    import threading
+
+    from twisted.internet import reactor
+
+    from kotlin_smtp_py.diskio import DiskIO
+
+    disk = on_reactor(DiskIO, reactor, 1)
+    spool = on_reactor(FileSpool, str(tmp_path / "spool"), disk_io=disk)
+    entry = on_reactor(spool.enqueue, Envelope("s@remote.test", (Recipient("a@localhost"),)),
+                       MESSAGE)
+    claim = on_reactor(spool.claim, entry.queue_id)
+    assert claim is not None
+    from twisted.internet.threads import blockingCallFromThread
+
+    def start(fn: Any, *args: Any) -> Any:  # a Deferred, not awaited (on_reactor would)
+        return blockingCallFromThread(reactor, lambda: [fn(*args)])[0]
+
+    gate = threading.Event()
+    blocker = start(disk.submit, gate.wait, 10)  # holds the disk thread
+    done = start(spool.complete, claim)  # queued behind it
+    other = -1
+    try:
+        on_reactor(spool.release_all)
+        other = os.open(os.devnull, os.O_RDONLY)  # takes the lowest free fd number
+        gate.set()
+        wait_until(lambda: blocker.called and done.called, message="the queued complete")
+        os.fstat(other)  # still ours (EBADF if complete closed it as the lease's fd)
+        assert on_reactor(spool.get, entry.queue_id) is None  # and complete did its work
+    finally:
+        gate.set()
+        if other >= 0:
+            try:
+                os.close(other)
+            except OSError:
+                pass
+        on_reactor(disk.stop)
