@@ -42,7 +42,12 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     from kotlin_smtp_py.inbound.auth import hash_password
 
     if args.stdin:
-        password = sys.stdin.readline().rstrip("\n")
+        raw = sys.stdin.buffer.readline().rstrip(b"\n").rstrip(b"\r")
+        try:
+            password = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print("the password is not UTF-8 text", file=sys.stderr)
+            return 2
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
@@ -74,9 +79,18 @@ async def _open_spool(config: cfg.Config) -> Any:
 
 
 async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
-    spool = await _open_spool(config)
+    from kotlin_smtp_py.interfaces import BackendUnavailable
+
+    try:
+        spool = await _open_spool(config)
+    except BackendUnavailable as exc:  # Redis down: try again later, as the exit code says
+        print(f"spool unavailable: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     try:
         return await _queue_action(args, config, spool)
+    except BackendUnavailable as exc:
+        print(f"spool unavailable: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     finally:
         close = getattr(spool, "close", None)
         if close is not None:
@@ -87,6 +101,8 @@ async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
 
 
 async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any) -> int:
+    from kotlin_smtp_py.envelope import is_queue_id
+
     action = args.action
     if action == "list":
         entries = await spool.list_entries()
@@ -121,6 +137,9 @@ async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any
         return 0
     if action in ("flush", "retry"):
         qid = args.id if action == "retry" else None
+        if qid is not None and not is_queue_id(qid):
+            print(f"{qid}: no such entry (not a queue id)", file=sys.stderr)
+            return 1
         if hasattr(spool, "request_retry"):
             if qid is None:
                 import time
@@ -168,6 +187,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return result[0] if result else 1
 
 
+def _bcrypt_rounds(text: str) -> int:
+    try:
+        rounds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 4 <= rounds <= 31:
+        raise argparse.ArgumentTypeError(f"bcrypt cost must be 4..31, got {rounds}")
+    return rounds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kotlin-smtp", description="kotlin-smtp-py operator tool")
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_config)
     h = sub.add_parser("hash-password", help="print a bcrypt hash for smtp.auth.users")
     h.add_argument("--stdin", action="store_true", help="read the password from stdin")
-    h.add_argument("--rounds", type=int, default=12)
+    h.add_argument("--rounds", type=_bcrypt_rounds, default=12,
+                   help="bcrypt cost, 4..31 (default 12)")
     h.set_defaults(func=cmd_hash_password)
     q = sub.add_parser("queue", help="inspect and manage the spool")
     q.add_argument("action", choices=["list", "show", "delete", "flush", "retry"])

@@ -557,6 +557,8 @@ def load(path: str, env: typing.Mapping[str, str] | None = None) -> Config:
             text = fh.read()
     except OSError as exc:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {path} is not UTF-8 text (byte {exc.start})"]) from None
     return load_text(text, env)
 
 

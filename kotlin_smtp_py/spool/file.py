@@ -787,6 +787,19 @@ class FileSpool:
         return self.run_in_thread(self._take_requests_sync).addCallback(apply)
 
     def healthy(self) -> defer.Deferred[tuple[bool, str]]:
-        if not os.access(self.queue_dir, os.W_OK):
-            return defer.succeed((False, f"{self.queue_dir} is not writable"))
-        return defer.succeed((True, "ok"))
+        """Readiness: the spool directories exist and a file can be created (as root,
+        ``os.access`` says yes to nearly anything, so try it)."""
+        def probe() -> tuple[bool, str]:
+            for d in (self.queue_dir, self.tmp_dir):
+                if not os.path.isdir(d):
+                    return False, f"{d} is not a directory"
+            path = os.path.join(self.tmp_dir, f".probe-{unique_hex(4)}")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+                os.unlink(path)
+            except OSError as exc:
+                return False, f"cannot create files in {self.tmp_dir}: {exc.strerror}"
+            return True, "ok"
+
+        return self.run_in_thread(probe)

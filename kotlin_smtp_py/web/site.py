@@ -111,6 +111,17 @@ class ManagementResource(resource.Resource):
 
     render_HEAD = render_GET
 
+    def render(self, request: server.Request) -> int | bytes:
+        """GET and HEAD as above; any other method a JSON 405 (Twisted's own answer is an
+        HTML page naming its version, which the management port must not show)."""
+        req: Any = request
+        if req.method in (b"GET", b"HEAD"):
+            return super().render(request)  # type: ignore[no-untyped-call,no-any-return]
+        req.setHeader(b"server", b"kotlin-smtp")
+        req.setHeader(b"allow", b"GET, HEAD")
+        req.setHeader(b"cache-control", b"no-store")
+        return self._send(req, _json(405, {"status": 405, "error": "Method Not Allowed"}))
+
     @staticmethod
     def _send(request: Any, response: Response) -> bytes:
         code, content_type, body = response
