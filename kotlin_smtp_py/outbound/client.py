@@ -42,6 +42,7 @@ from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 log = Logger()
 
 MAX_REPLY_BYTES = 65536
+_REPLY_CODE = re.compile(rb"[2-5][0-9][0-9]")
 CHUNK_SIZE = 16384
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -99,6 +100,8 @@ class ReplyReader(Protocol):
         self.read_timeout = read_timeout
         self._buf = b""
         self._partial: list[str] = []
+        self._partial_bytes = 0  # raw bytes of the reply being read (lines count, not texts)
+        self._partial_code = b""
         self._replies: deque[Reply] = deque()
         self._waiter: defer.Deferred[Reply] | None = None
         self._timer: IDelayedCall | None = None
@@ -127,19 +130,30 @@ class ReplyReader(Protocol):
         self._deliver()
 
     def _line(self, raw: bytes) -> bool:
-        text = raw.decode("utf-8", "replace")
-        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+        # RFC 5321 §4.2: three ASCII digits (str.isdigit() would take "²" or "٢"), then " "
+        # (last line) or "-"; every line of a reply carries the same code (§4.2.1).
+        code = raw[:3]
+        if not _REPLY_CODE.fullmatch(code) or (len(raw) > 3 and raw[3:4] not in (b" ", b"-")):
+            text = raw.decode("utf-8", "replace")
             self._fail(SessionError("protocol", f"malformed reply line {text[:80]!r}"))
             return False
-        self._partial.append(text[4:])
-        if sum(len(s) for s in self._partial) > MAX_REPLY_BYTES:
+        if self._partial and code != self._partial_code:
+            self._fail(SessionError("protocol", "reply lines with different codes "
+                                                f"({self._partial_code.decode()}, "
+                                                f"{code.decode()})"))
+            return False
+        self._partial_code = code
+        self._partial.append(raw[4:].decode("utf-8", "replace"))
+        self._partial_bytes += len(raw) + 2
+        if self._partial_bytes > MAX_REPLY_BYTES:  # a running total: linear in the reply
             self._fail(SessionError("protocol", "reply too long"))
             return False
-        if len(text) == 3 or text[3] == " ":
-            if text[:3] == "421":
+        if len(raw) == 3 or raw[3:4] == b" ":
+            if code == b"421":
                 self.saw_421 = True
-            self._replies.append(Reply(int(text[:3]), tuple(self._partial)))
+            self._replies.append(Reply(int(code), tuple(self._partial)))
             self._partial = []
+            self._partial_bytes = 0
         return True
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
@@ -447,6 +461,11 @@ class ClientSession:
         return _HostFailure(reply.status(reason, self.target.name), try_next)
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
+        """One command in lock step. A reply already waiting before it is sent was never
+        asked for: reading on would pair every later reply with the wrong command (a RCPT's
+        250 taken as DATA's answer), so the session ends as a protocol error."""
+        if self.reader.has_buffered_input():
+            raise SessionError("protocol", f"unsolicited reply before {line.split(' ')[0]}")
         self.reader.send(line)
         return await self.reader.reply(timeout)
 
@@ -754,7 +773,7 @@ class ClientSession:
             status = mail_reply.status(Reason.POLICY, self.target.name)
             return self._ordered(decided, {r: status for r in rcpts})
         for r, reply in zip(rcpts, rcpt_replies, strict=True):
-            decided[r] = reply.status(Reason.RECIPIENT, self.target.name)
+            decided[r] = _rcpt_status(reply, self.target.name)
         accepted = [r for r in rcpts if decided[r].ok]
         if accepted:
             final = await self._data(data_reply)
@@ -784,7 +803,11 @@ class ClientSession:
         if reply is None:
             reply = await self.command("DATA")
         if reply.code != 354:
-            return reply.status(Reason.MESSAGE, self.target.name)
+            if reply.code >= 400:  # a refusal of the message
+                return reply.status(Reason.MESSAGE, self.target.name)
+            # 250 (or any other positive reply) to DATA: not a go-ahead, and not a delivery
+            # either (no byte of the message was sent); the peer is confused, drop it.
+            raise SessionError("protocol", f"reply {reply.code} to DATA instead of 354")
         with open(self.message.path, "rb") as fh:
             producer = MessageProducer(fh, self.reader.transport, self.clock,
                                        self.reader.read_timeout)
@@ -812,6 +835,15 @@ class ClientSession:
         transport = self.reader.transport
         if transport is not None:
             transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _rcpt_status(reply: Reply, remote_mta: str | None) -> DeliveryStatus:
+    status = reply.status(Reason.RECIPIENT, remote_mta)
+    if reply.code == 552:
+        # RFC 5321 §4.5.3.1.10: 552 to RCPT (too many recipients, storage) is to be taken as
+        # the temporary failure it was meant to be (452), as in RFC 821 days.
+        status = replace(status, kind=FailureKind.TRANSIENT, enhanced="4" + status.enhanced[1:])
+    return status
 
 
 def _parse_ehlo(reply: Reply) -> dict[str, str]:
