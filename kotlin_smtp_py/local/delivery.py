@@ -143,12 +143,22 @@ class LocalDelivery:
                             Reason.POLICY, "list has remote members but relay is unavailable",
                             "5.7.1")
                     else:
-                        env = Envelope(sender=entry.envelope.sender,
-                                       recipients=tuple(Recipient(a) for a in remote),
-                                       helo=entry.envelope.helo, peer=entry.envelope.peer,
-                                       smtputf8=entry.envelope.smtputf8, body=entry.envelope.body,
-                                       size=entry.envelope.size,
-                                       message_id=entry.envelope.message_id)
+                        # The members inherit what the sender asked for the list address
+                        # (RFC 3461 §5.2.7.3): its NOTIFY (a success notice is the list's own
+                        # business, so SUCCESS is dropped), the list as original recipient,
+                        # RET, ENVID and the arrival time.
+                        notify = tuple(n for n in rcpt.notify if n.upper() != "SUCCESS")
+                        if rcpt.notify and not notify:
+                            notify = ("NEVER",)
+                        orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
+                        src = entry.envelope
+                        env = Envelope(sender=src.sender,
+                                       recipients=tuple(Recipient(a, notify, orcpt)
+                                                        for a in remote),
+                                       helo=src.helo, peer=src.peer, smtputf8=src.smtputf8,
+                                       body=src.body, ret=src.ret, envid=src.envid,
+                                       size=src.size, received_at=src.received_at,
+                                       message_id=src.message_id)
                         yield self.resubmit(env, message_path)
             except OSError as exc:
                 log.error("local delivery of {queue_id} to {recipient} failed: {error}",

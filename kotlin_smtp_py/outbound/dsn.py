@@ -46,14 +46,30 @@ def dsn_envelope(entry: QueueEntry, reporting_mta: str = "") -> Envelope:
     """The envelope of a DSN about ``entry``: from ``<>`` to the original sender, NOTIFY=NEVER."""
     env = entry.envelope
     sender_utf8 = not env.sender.isascii()
+    # A notice about an SMTPUTF8 message may return it as message/global (8-bit).
+    seven = env.body.upper() == "7BIT" and not env.smtputf8
     return Envelope(
         sender="", recipients=(Recipient(env.sender, notify=("NEVER",)),),
         helo=reporting_mta, peer="", smtputf8=sender_utf8,
-        body="7BIT" if env.body.upper() == "7BIT" else "8BITMIME", is_dsn=True)
+        body="7BIT" if seven else "8BITMIME", is_dsn=True)
 
 
 def _clean(value: str, limit: int = 900) -> str:
     return _UNSAFE.sub(" ", value).strip()[:limit]
+
+
+def _ascii(value: str) -> str:
+    """Text from elsewhere (a remote server's reply) in a part that must be US-ASCII."""
+    return value.encode("ascii", "replace").decode("ascii")
+
+
+def _addr_xtext(address: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext: an address in message/delivery-status, US-ASCII only."""
+    out = []
+    for c in address:
+        o = ord(c)
+        out.append(c if 0x21 <= o <= 0x7E and c not in "+=\\" else f"\\x{{{o:X}}}")
+    return "".join(out)
 
 
 def _date(ts: float) -> str:
@@ -80,7 +96,7 @@ def _human(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]], a
     lines = [f"This is the mail system at {reporting_mta}.", "", *intro.split("\n"), ""]
     for rcpt, status in results:
         detail = status.diagnostic or f"{status.code} {status.enhanced} {status.text}"
-        lines.append(f"<{rcpt.address}>: {_clean(detail, 500)}")
+        lines.append(f"<{rcpt.address}>: {_ascii(_clean(detail, 500))}")
     lines += ["", f"Queue id: {entry.queue_id}"]
     return "\r\n".join(lines) + "\r\n"
 
@@ -96,16 +112,22 @@ def _status_fields(entry: QueueEntry, results: list[tuple[Recipient, DeliverySta
         block = []
         if rcpt.orcpt:
             kind, _, addr = rcpt.orcpt.partition(";")
-            block.append(f"Original-Recipient: {kind.strip() or 'rfc822'};{_clean(addr, 500)}")
-        kind = "rfc822" if rcpt.address.isascii() else "utf-8"
-        block.append(f"Final-Recipient: {kind}; {rcpt.address}")
+            addr = _clean(addr, 500)
+            kind = _ascii(_clean(kind, 40)) or "rfc822"
+            if not addr.isascii():
+                kind, addr = "utf-8", _addr_xtext(addr)
+            block.append(f"Original-Recipient: {kind};{addr}")
+        if rcpt.address.isascii():
+            block.append(f"Final-Recipient: rfc822; {rcpt.address}")
+        else:
+            block.append(f"Final-Recipient: utf-8; {_addr_xtext(rcpt.address)}")
         block.append(f"Action: {action}")
         block.append(f"Status: {status.enhanced}")
         if status.remote_mta:
             block.append(f"Remote-MTA: dns; {_clean(status.remote_mta, 255)}")
         if status.diagnostic:
             diag = status.diagnostic if ";" in status.diagnostic else f"smtp; {status.diagnostic}"
-            block.append(f"Diagnostic-Code: {_clean(diag)}")
+            block.append(f"Diagnostic-Code: {_ascii(_clean(diag))}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
         blocks.append(block)
     return "\r\n\r\n".join("\r\n".join(b) for b in blocks) + "\r\n"
@@ -136,8 +158,13 @@ def build_dsn(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]]
     returned = _headers_only(original) if hdrs_only else original
     if not returned.endswith(b"\r\n"):
         returned += b"\r\n"
-    ctype = "text/rfc822-headers" if hdrs_only else "message/rfc822"
     eight_bit = not returned.isascii()
+    if env.smtputf8 and eight_bit:  # RFC 6533 §6, RFC 6532 §3.7: UTF-8 header fields
+        ctype = "message/global-headers" if hdrs_only else "message/global"
+    else:
+        ctype = "text/rfc822-headers" if hdrs_only else "message/rfc822"
+    human = _human(entry, results, action, _clean(reporting_mta, 255))
+    eight_bit = eight_bit or not human.isascii()  # a UTF-8 recipient address
     domain = _clean(reporting_mta, 255)
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{domain}>",
@@ -157,7 +184,7 @@ def build_dsn(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]]
         "Content-Type: text/plain; charset=utf-8",
         "Content-Transfer-Encoding: 8bit",
         "",
-        _human(entry, results, action, domain),
+        human,
         f"--{boundary}",
         "Content-Description: Delivery report",
         "Content-Type: message/delivery-status",
