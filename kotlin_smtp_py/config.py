@@ -55,13 +55,27 @@ class ListenerConfig:
     pregreetDelayMs: int = 1000
 
 
+def _a_label(domain: str) -> str:
+    if domain.isascii():
+        return domain
+    import idna
+
+    try:
+        return str(idna.encode(domain, uts46=True).decode("ascii")).lower()
+    except idna.IDNAError:
+        return domain  # validate() names it
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     localDomain: str = "localhost"
     localDomains: list[str] = field(default_factory=list)
 
     def all_local_domains(self) -> frozenset[str]:
-        return frozenset(d.lower().rstrip(".") for d in [self.localDomain, *self.localDomains] if d)
+        """Lower-case, in the A-label form recipients' domains are compared in (a domain
+        configured as "bücher.test" must match "xn--bcher-kva.test")."""
+        return frozenset(_a_label(d.lower().rstrip("."))
+                         for d in [self.localDomain, *self.localDomains] if d)
 
 
 @dataclass(frozen=True)
@@ -608,6 +622,10 @@ def validate(config: Config) -> list[str]:
     _check_port(config.management.server.port, "management.server.port", p)
     if not s.hostname:
         p.append("smtp.hostname: must be set")
+    for i, domain in enumerate([s.routing.localDomain, *s.routing.localDomains]):
+        key = "smtp.routing.localDomain" if i == 0 else f"smtp.routing.localDomains[{i - 1}]"
+        if domain and not domain.isascii() and _a_label(domain.lower()) == domain.lower():
+            p.append(f"{key}: {domain!r} is not a valid internationalised domain name")
     _writable_dir(s.storage.mailboxDir, "smtp.storage.mailboxDir", p)
     _writable_dir(s.storage.tempDir, "smtp.storage.tempDir", p)
     _writable_dir(s.storage.listsDir, "smtp.storage.listsDir", p)

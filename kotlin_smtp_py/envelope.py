@@ -84,6 +84,10 @@ def _check_domain(domain: str, utf8: bool) -> str:
             ascii_domain = idna.encode(domain, uts46=True).decode("ascii").lower()
         except idna.IDNAError as exc:
             raise AddressError(f"invalid internationalised domain: {exc}") from None
+        # UTS 46 maps "。" and "．" to "." after the raw check above: "localhost。" would
+        # become "localhost." here, and no later stage agrees on what that is.
+        if ascii_domain.endswith(".") or ".." in ascii_domain or ascii_domain.startswith("."):
+            raise AddressError("invalid internationalised domain")
     if len(ascii_domain) > MAX_DOMAIN:
         raise AddressError("domain too long")
     return ascii_domain

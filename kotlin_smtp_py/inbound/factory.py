@@ -62,6 +62,9 @@ class SMTPFactory(protocol.ServerFactory):
         self.events: list[SessionEvents] = list(events or [])
         self.on_accepted = on_accepted
         self.sessions: set[SMTPServerProtocol] = set()
+        # AUTH checks running now, per client IP and per user name: the limiter only learns of
+        # a failure after the (slow) check, so without this N parallel sessions get N guesses.
+        self.auth_in_flight: dict[str, int] = {}
         self.closing_after_transaction: set[SMTPServerProtocol] = set()
         self.shutting_down = False
         # Hooks (None = feature off).

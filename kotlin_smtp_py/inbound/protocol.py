@@ -1152,8 +1152,27 @@ class SMTPServerProtocol(smtp.ESMTP):
 
         if limiter is None:
             return check(False)
+        # At most max_failures checks at a time per IP and per user (this process): with
+        # those in flight the lockout may be a moment away, so later ones are told to wait.
+        cap = int(getattr(limiter, "max_failures", 0) or 0)
+        subjects = [f"ip:{self.peer_ip}", f"user:{user.strip().lower()}"]
+        in_flight = self.factory.auth_in_flight
+        if cap > 0 and any(in_flight.get(s, 0) >= cap for s in subjects):
+            return self._auth_locked()
+        for s in subjects:
+            in_flight[s] = in_flight.get(s, 0) + 1
+
+        def finished(result: Any) -> Any:
+            for s in subjects:
+                left = in_flight.get(s, 1) - 1
+                if left > 0:
+                    in_flight[s] = left
+                else:
+                    in_flight.pop(s, None)
+            return result
+
         locked: defer.Deferred[bool] = limiter.is_locked(self.peer_ip, user)
-        return locked.addCallback(check)
+        return locked.addCallback(check).addBoth(finished)
 
     def _auth_locked(self) -> SmtpReply:
         self._auth_refusals += 1

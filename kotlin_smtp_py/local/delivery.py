@@ -91,6 +91,11 @@ class LocalDelivery:
 
     def _deliver_one_sync(self, entry: QueueEntry, message_path: str,
                           rcpt: Recipient) -> tuple[DeliveryStatus, list[str]]:
+        try:
+            parse_mailbox(rcpt.address, utf8=True)
+        except AddressError:  # never "delivered" to an address nobody can parse
+            return DeliveryStatus.permanent_failure(
+                Reason.RECIPIENT, "bad recipient address syntax", "5.1.3"), []
         local, remote, problems = self.expand_checked(rcpt.address)
         for problem in problems:
             log.warn("list {recipient} of {queue_id}: member {problem}", recipient=rcpt.address,
