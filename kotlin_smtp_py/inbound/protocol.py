@@ -64,6 +64,8 @@ PAUSE_BUFFER = 64 * 1024  # pause reading when this much input waits behind a pe
 AUTH_LINE_MAX = 12288  # RFC 4954 §4
 MAX_ERRORS = 20  # like Postfix's smtpd_hard_error_limit
 HEADER_SCAN_LIMIT = 64 * 1024
+# RFC 5321 §6.3: count Received: fields to stop mail loops; "at least 100" hops allowed.
+MAX_HOPS = 100
 ABORT_GRACE_SECONDS = 5.0
 READ_SIZE = 256 * 1024
 
@@ -199,6 +201,7 @@ class HeaderFixer:
         self._held: bytearray | None = bytearray()
         self.message_id: str | None = None
         self.eight_bit = False  # the content really has bytes >= 0x80 (whatever BODY= said)
+        self.hops = 0  # Received: fields already in the header
 
     def write(self, data: bytes) -> None:
         if not self.eight_bit and not data.isascii():
@@ -218,6 +221,7 @@ class HeaderFixer:
         end = held.find(b"\r\n\r\n")
         head = held if end < 0 else held[:end + 2]
         lines = [ln.lower() for ln in head.split(b"\r\n")]
+        self.hops = sum(1 for ln in lines if ln.startswith(b"received:"))
         extra = b""
         mid = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"message-id:")),
                    None)
@@ -979,6 +983,9 @@ class SMTPServerProtocol(smtp.ESMTP):
                      event="message_rejected")
             return error
         tx.header.flush()
+        if tx.header.hops >= MAX_HOPS:  # our own Received: would make it one more
+            return self._end_message(tx, R(554, "5.4.6", f"Too many hops ({tx.header.hops} "
+                                                         "Received: fields): mail loop?"))
         sender = "" if tx.sender is None else str(tx.sender)
         params = tx.params
         envelope = Envelope(

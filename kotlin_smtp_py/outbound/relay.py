@@ -196,7 +196,10 @@ class RelayDelivery:
         from ipaddress import ip_address
 
         try:
-            return [Target(host, str(ip_address(host.strip("[]"))), hop.port)]
+            # "[192.0.2.1]" or a bare address: the name TLS checks is the address itself
+            # (an IP SAN); with the brackets it was no valid name and every attempt failed.
+            address = str(ip_address(host.strip("[]")))
+            return [Target(address, address, hop.port)]
         except ValueError:
             pass
         addresses, six, four = await self.mx.addresses(host)

@@ -8,6 +8,7 @@ scheduler groups by it), and the per-destination connection limit counts per key
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from kotlin_smtp_py.config import RelayConfig, RouteConfig
@@ -15,9 +16,23 @@ from kotlin_smtp_py.outbound.client import Credentials
 from kotlin_smtp_py.outbound.tlspolicy import TlsPolicy, effective_policy
 
 
+def _canonical(domain: str) -> str:
+    """Lower case, no trailing dot, A-labels (routes may be written in Unicode)."""
+    domain = domain.strip().lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    import idna
+
+    try:
+        return str(idna.encode(domain, uts46=True).decode("ascii")).lower()
+    except idna.IDNAError:
+        return domain
+
+
 def recipient_domain(address: str) -> str:
-    """The domain of ``local@domain`` in canonical (lower case, no trailing dot) form."""
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of ``local@domain`` in canonical (lower case, no trailing dot, A-label)
+    form."""
+    return _canonical(address.rpartition("@")[2])
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class OutboundRouter:
         self._exact: dict[str, RouteConfig] = {}
         self._wildcard: RouteConfig | None = None
         for route in relay.routes:
-            domain = route.domain.strip().lower().rstrip(".")
+            domain = _canonical(route.domain)
             if domain == "*":
                 self._wildcard = self._wildcard or route
             else:
@@ -52,14 +67,14 @@ class OutboundRouter:
 
     def route_for(self, domain: str) -> RouteConfig | None:
         """The configured route for ``domain``, or None for direct MX delivery."""
-        domain = domain.lower().rstrip(".")
+        domain = _canonical(domain)
         route = self._exact.get(domain) or self._wildcard or self._relay.defaultRoute
         if route is not None and not route.host:
             return None
         return route
 
     def next_hop(self, domain: str) -> NextHop:
-        domain = domain.lower().rstrip(".")
+        domain = _canonical(domain)
         route = self.route_for(domain)
         tls = effective_policy(self._relay.outboundTls, route)
         if route is None:
@@ -68,7 +83,10 @@ class OutboundRouter:
         tls_bits = "".join("1" if b else "0" for b in (
             tls.start_tls_enabled, tls.start_tls_required, tls.check_server_identity,
             tls.trust_all))
-        key = (f"relay:{route.host.lower()}:{route.port}:{route.username}:{tls_bits}:"
+        # Credentials in full (as a digest): two routes to one host under different
+        # passwords must not share a transaction.
+        secret = hashlib.sha256(f"{route.username}\0{route.password}".encode()).hexdigest()[:16]
+        key = (f"relay:{route.host.lower()}:{route.port}:{route.username}:{secret}:{tls_bits}:"
                f"{','.join(tls.trust_hosts)}")
         return NextHop(key, domain, tls, route.host, route.port, credentials)
 
