@@ -339,12 +339,17 @@ class SmtpService(service.MultiService):
         if mode == "DISABLED":
             return None
         if session.auth_user is not None:
-            return self.directory.resolve(session.auth_user.partition("@")[0])
-        if mode != "TRUSTED_SUBMISSION" or sender is None:
+            owner = self.directory.resolve(session.auth_user.partition("@")[0])
+        elif mode != "TRUSTED_SUBMISSION" or sender is None:
             return None
-        if not self.router.is_local_domain(sender.domain) or not self._trusted(session.peer_ip):
+        elif not self.router.is_local_domain(sender.domain) or \
+                not self._trusted(session.peer_ip):
             return None
-        return self.directory.resolve(sender.local)
+        else:
+            owner = self.directory.resolve(sender.local)
+        if owner is None or self.directory.list_path(owner) is not None:
+            return None  # a list has no one to read its sent/ folder
+        return owner
 
     def _trusted(self, peer_ip: str) -> bool:
         return self._trusted_networks.contains(peer_ip)

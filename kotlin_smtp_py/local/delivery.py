@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from kotlin_smtp_py.envelope import AddressError, Envelope, Recipient, parse_mailbox
 from kotlin_smtp_py.interfaces import IDelivery
-from kotlin_smtp_py.local.directory import LocalDirectory, read_list, safe_name
+from kotlin_smtp_py.local.directory import LocalDirectory, read_list
 from kotlin_smtp_py.local.maildir import maildir_name, write_maildir
 from kotlin_smtp_py.log import debug_enabled
 from kotlin_smtp_py.spool.record import QueueEntry
@@ -44,6 +44,8 @@ class LocalDelivery:
         self.is_local_domain = is_local_domain
         self.resubmit = resubmit
         self._thread = run_in_thread or threads.deferToThread
+        # Mailboxes written per queue id during one delivery run (see _deliver_one_sync).
+        self._written: dict[str, set[str]] = {}
 
     def expand(self, address: str) -> tuple[list[str], list[str]]:
         """(local mailbox names, remote addresses) that ``address`` stands for."""
@@ -101,8 +103,7 @@ class LocalDelivery:
             log.warn("list {recipient} of {queue_id}: member {problem}", recipient=rcpt.address,
                      queue_id=entry.queue_id, problem=problem, event="list_member_unreachable")
         if not local and not remote:
-            if safe_name(rcpt.address.rpartition("@")[0]) is None or \
-                    self.directory.resolve(rcpt.address.rpartition("@")[0]) is None:
+            if self.directory.resolve(rcpt.address.rpartition("@")[0]) is None:
                 return DeliveryStatus.permanent_failure(
                     Reason.RECIPIENT, "no such user here", "5.1.1"), []
             if problems:
@@ -113,8 +114,14 @@ class LocalDelivery:
                     Reason.RECIPIENT, "list reaches no one: " + "; ".join(problems[:5]),
                     "5.4.6" if deep else "5.1.1"), []
             return DeliveryStatus.delivered("list has no members"), []
-        self.write_copies(entry.queue_id, entry.envelope, rcpt.address, local, message_path,
+        # Earlier recipients of this run that reached the same mailbox (alice, ALICE,
+        # alice+tag, a list with alice) wrote it already; on a first delivery nothing else
+        # would notice once a reader moved that copy to cur/.
+        written = self._written.get(entry.queue_id, set())
+        fresh = [m for m in local if m not in written]
+        self.write_copies(entry.queue_id, entry.envelope, rcpt.address, fresh, message_path,
                           check_existing=not entry.first_delivery)
+        written.update(fresh)
         return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
 
     def write_copies(self, queue_id: str, envelope: Envelope, address: str,
@@ -138,6 +145,15 @@ class LocalDelivery:
     def _deliver(self, entry: QueueEntry, message_path: str,
                  recipients: Sequence[Recipient]) -> Any:
         results: list[Result] = []
+        self._written[entry.queue_id] = set()
+        try:
+            return (yield self._deliver_each(entry, message_path, recipients, results))
+        finally:
+            self._written.pop(entry.queue_id, None)
+
+    @defer.inlineCallbacks
+    def _deliver_each(self, entry: QueueEntry, message_path: str,
+                      recipients: Sequence[Recipient], results: list[Result]) -> Any:
         for rcpt in recipients:
             try:
                 status, remote = yield self._thread(self._deliver_one_sync, entry, message_path,

@@ -16,6 +16,8 @@ RECIPIENT_DELIMITER = "+"
 
 def safe_name(local: str) -> str | None:
     """The file-system name for a local part, or None when it cannot be a local user."""
+    if not local.isascii():  # "\u212aarl".lower() is "karl": no mapping onto ASCII names
+        return None
     name = local.lower()
     if not _SAFE.match(name) or ".." in name:
         return None
@@ -43,6 +45,8 @@ class LocalDirectory:
 
     def resolve(self, local: str) -> str | None:
         """The canonical local name for ``local`` (``alice+tag`` → ``alice``), or None."""
+        if not local.isascii():  # lower() maps e.g. KELVIN SIGN to "k": no ASCII look-alikes
+            return None
         lowered = local.lower()
         base, sep, _ = lowered.partition(RECIPIENT_DELIMITER)
         for candidate in (lowered, base) if sep else (lowered,):

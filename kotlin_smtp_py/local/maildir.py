@@ -111,7 +111,13 @@ def _create(root: str, name: str) -> tuple[int, str | None]:
     it also spares a directory entry created and removed in tmp/ per copy). Readable too:
     a message written here as it arrives may have to be copied back into the spool."""
     if _unnamed_files and _unnamed_files[0]:
-        return os.open(os.path.join(root, "new"), os.O_TMPFILE | os.O_RDWR, 0o600), None
+        try:
+            return os.open(os.path.join(root, "new"), os.O_TMPFILE | os.O_RDWR, 0o600), None
+        except OSError as exc:
+            # The probe ran on one mailbox; this one may live on a file system without
+            # O_TMPFILE (NFS, CIFS, a symlink to another disk): use tmp/ for it.
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
     tmp = os.path.join(root, "tmp", name)
     return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), tmp
 
