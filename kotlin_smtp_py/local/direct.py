@@ -98,17 +98,20 @@ class DirectLocalDelivery:
         the path of a file holding it). The caller's disk job fsyncs the ``new/``
         directories before it reports success (``diskio.sync_dir``)."""
         done: list[Recipient] = []
+        written: set[str] = set()  # one copy per mailbox (alice, ALICE, alice+tag, lists)
         for rcpt in candidates:
             mailboxes, remote = self.local.expand(rcpt.address)
             if remote or not mailboxes:
                 continue  # lists with remote members, unknown users: the scheduler's job
             try:
                 # No earlier copy can exist: this queue id was never queued or leased.
-                self.local.write_copies(queue_id, envelope, rcpt.address, mailboxes, source,
+                self.local.write_copies(queue_id, envelope, rcpt.address,
+                                        [m for m in mailboxes if m not in written], source,
                                         check_existing=False)
             except OSError as exc:
                 _write_failed(queue_id, rcpt, exc)
                 return tuple(done), True
+            written.update(mailboxes)
             done.append(rcpt)
         return tuple(done), False
 
