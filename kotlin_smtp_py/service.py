@@ -150,6 +150,9 @@ def systemd_listen_fds(env: dict[str, str] | None = None) -> list[tuple[int, int
     return out
 
 
+ADDED_HEADER_ROOM = 2048  # our Received: (with TLS details), Message-ID: and Date: fit easily
+
+
 class TriggerGate:
     """Spool-run triggers (ETRN, ``queue flush``) with a cooldown: extra triggers do nothing.
 
@@ -433,9 +436,15 @@ class SmtpService(service.MultiService):
             self.scheduler.trigger()
 
     def _max_size(self) -> int:
+        """The SIZE we advertise and enforce. A spool limit counts the stored bytes, which
+        include the Received:, Message-ID: and Date: fields we add: leave room for them, so
+        that a message of the advertised size is never refused after its last byte."""
         limit = self.config.smtp.limits.maxMessageSizeBytes
         spool_limit = getattr(self.spool, "max_message_bytes", None)
-        return min(limit, spool_limit) if spool_limit else limit
+        if not spool_limit:
+            return limit
+        raw = int(spool_limit)
+        return min(limit, max(raw - ADDED_HEADER_ROOM, raw // 2))
 
     def _local_name(self, arg: str) -> str | None:
         """``alice``, ``<alice@localhost>`` or ``alice@localhost`` → the local name, if any."""

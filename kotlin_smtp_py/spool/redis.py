@@ -208,6 +208,28 @@ class _Held:
     lost: bool = False
 
 
+# What parsing a damaged meta record can raise (1e999 in an int field, deeply nested JSON...)
+_UNREADABLE = (ValueError, KeyError, TypeError, OverflowError, RecursionError)
+
+
+def _queue_ids(members: Any) -> list[str]:
+    """Members of the due set that are queue ids; anything else (written by hand or by another
+    program under our prefix) is logged and skipped rather than stopping every pass."""
+    out: list[str] = []
+    for member in members or []:
+        text = member.decode("ascii", "replace") if isinstance(member, bytes) else str(member)
+        if is_queue_id(text):
+            out.append(text)
+        elif text not in _warned_members:  # once per process, not on every pass
+            _warned_members.add(text)
+            log.warn("ignoring a member of the due set that is not a queue id: {member!r}",
+                     member=text[:80])
+    return out
+
+
+_warned_members: set[str] = set()
+
+
 @implementer(ISpoolWriter)
 class RedisSpoolWriter:
     """Streams one message into ``P:stage:ID`` with APPEND; commit makes it an entry."""
@@ -404,7 +426,7 @@ class RedisSpool:
         async def run() -> list[str]:
             ids = await self.client.execute("ZRANGEBYSCORE", self.key("due"), "-inf",
                                             _score(now), "LIMIT", 0, max(limit, 0))
-            return [i.decode("ascii") for i in ids or []]
+            return _queue_ids(ids)
 
         return _d(run())
 
@@ -426,7 +448,7 @@ class RedisSpool:
             message = await self.client.execute("GET", self.key("msg", queue_id))
             if entry.queue_id != queue_id or not isinstance(message, bytes):
                 raise ValueError("metadata does not match or message is missing")
-        except (ValueError, KeyError, TypeError) as exc:
+        except _UNREADABLE as exc:
             await self._quarantine(queue_id, token, str(exc))
             return None
         except BaseException:
@@ -634,8 +656,7 @@ class RedisSpool:
 
     def list_entries(self) -> defer.Deferred[list[QueueSummary]]:
         async def run() -> list[QueueSummary]:
-            ids = [i.decode("ascii") for i in
-                   await self.client.execute("ZRANGE", self.key("due"), 0, -1) or []]
+            ids = _queue_ids(await self.client.execute("ZRANGE", self.key("due"), 0, -1))
             out: list[QueueSummary] = []
             for start in range(0, len(ids), LIST_BATCH):
                 batch = ids[start:start + LIST_BATCH]
@@ -655,7 +676,7 @@ class RedisSpool:
             return None
         try:
             entry = QueueEntry.from_json_bytes(meta)
-        except (ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             log.warn("queue entry {queue_id} has unreadable metadata", queue_id=qid)
             return None
         env = entry.envelope
@@ -672,7 +693,7 @@ class RedisSpool:
                 return None
             try:
                 return QueueEntry.from_json_bytes(meta)
-            except (ValueError, KeyError, TypeError):
+            except _UNREADABLE:
                 log.warn("queue entry {queue_id} has unreadable metadata", queue_id=queue_id)
                 return None
 
@@ -717,8 +738,7 @@ class RedisSpool:
                     return 0
                 ids = [queue_id]
             else:
-                ids = [i.decode("ascii") for i in
-                       await self.client.execute("ZRANGE", self.key("due"), 0, -1) or []]
+                ids = _queue_ids(await self.client.execute("ZRANGE", self.key("due"), 0, -1))
             now = self._now()
             count = 0
             for start in range(0, len(ids), LIST_BATCH):
@@ -735,7 +755,7 @@ class RedisSpool:
             return 0
         try:
             entry = QueueEntry.from_json_bytes(meta)
-        except (ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             return 0
         new = entry.evolve(next_attempt=now).to_json_bytes()
         result = await self.client.eval(
