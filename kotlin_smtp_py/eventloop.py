@@ -90,3 +90,35 @@ def lighten_dispatch(reactor: Any) -> bool:
     patched.doPoll = patched.doIteration = do_poll
     setattr(patched, _BEFORE_POLL, hooks)
     return True
+
+
+def guard_stop_signals(reactor: Any) -> None:
+    """Once the reactor runs: SIGTERM/SIGINT stop it once; a repeat during the drain does
+    nothing. Twisted's own handler calls ``reactor.stop()`` again, which raises
+    ReactorNotRunning (a CRITICAL traceback in the log): ``systemctl stop`` signals the whole
+    group and the parent signals its workers as well, so workers always got two."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # tests run the reactor in a thread
+
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:
+            return
+        stopping.append(signum)
+        _log.info("signal {signum} received: stopping", signum=signum)
+        reactor.callFromThread(_stop_if_running, reactor)
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    reactor.callWhenRunning(install)  # after Twisted installed its own
+
+
+def _stop_if_running(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()

@@ -72,6 +72,7 @@ from kotlin_smtp_py.workers import (
     adopt_listening,
     listen_reuseport,
     listen_shared,
+    mark_reload_ready,
     split_local_limits,
 )
 
@@ -533,6 +534,7 @@ class SmtpService(service.MultiService):
             log.info("SMTP worker {index} of {count} serving", index=self.cluster.index,
                      count=self.cluster.count, event="worker_ready")
             self._install_sighup()  # the parent forwards SIGHUP: workers reload their TLS too
+            mark_reload_ready(self.cluster.metrics_dir)
             return  # management, operator requests and TLS-RPT belong to the parent
         if self.cluster is not None and self._inherited:
             log.warn("socket activation: systemd owns the listening sockets, so the extra "
@@ -572,7 +574,9 @@ class SmtpService(service.MultiService):
         if self.supervisor is not None:
             import signal
 
-            self.supervisor.signal_all(signal.SIGHUP)
+            # Only to workers whose handler is in place: SIGHUP's default action would kill a
+            # worker still starting (which reads the current files anyway).
+            self.supervisor.signal_all(signal.SIGHUP, only_reload_ready=True)
         if self.config_path is None:
             log.warn("reload requested but the server was started without a config file")
             return False

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger
 
 from kotlin_smtp_py import config as cfg
-from kotlin_smtp_py.eventloop import lighten_dispatch
+from kotlin_smtp_py.eventloop import guard_stop_signals, lighten_dispatch
 from kotlin_smtp_py.memory import tune_malloc
 
 log = Logger()
@@ -61,6 +61,7 @@ def make_service(config_path: str | None) -> Any:
     from twisted.internet import reactor
 
     lighten_dispatch(reactor)  # twistd installed its reactor before asking for the service
+    guard_stop_signals(reactor)
     check_redis_reachable(config)
     from kotlin_smtp_py.service import build_service
     from kotlin_smtp_py.workers import prepare_parent

@@ -231,6 +231,10 @@ class WorkerSupervisor:
             del self.children[proto.index]
         if proto.pid is not None:
             _mark_process_dead(proto.pid, self.role.metrics_dir)
+            try:  # (a later worker could get the same pid)
+                os.unlink(_ready_path(self.role.metrics_dir, proto.pid))
+            except OSError:
+                pass
         status = getattr(reason.value, "exitCode", None)
         if self.stopping:
             log.info("SMTP worker {index} exited ({status})", index=proto.index, status=status)
@@ -243,8 +247,11 @@ class WorkerSupervisor:
                   index=proto.index, reason=str(reason.value), delay=delay, event="worker_died")
         self._respawns[proto.index] = self.reactor.callLater(delay, self.spawn, proto.index)
 
-    def signal_all(self, signum: int) -> None:
+    def signal_all(self, signum: int, only_reload_ready: bool = False) -> None:
         for proto in list(self.children.values()):
+            if only_reload_ready and not os.path.exists(
+                    _ready_path(self.role.metrics_dir, proto.pid)):
+                continue
             try:
                 proto.transport.signalProcess(signum)  # type: ignore[union-attr]
             except Exception:  # already gone (ProcessExitedAlready)
@@ -295,6 +302,19 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
         return False
 
 
+def _ready_path(metrics_dir: str, pid: int | None) -> str:
+    return os.path.join(metrics_dir, f"reload-ready-{pid}")
+
+
+def mark_reload_ready(metrics_dir: str) -> None:
+    """A worker's SIGHUP handler is installed: the parent may forward reloads to it."""
+    try:
+        with open(_ready_path(metrics_dir, os.getpid()), "w"):
+            pass
+    except OSError as exc:  # then it misses reloads until restarted: say so
+        log.warn("cannot mark this worker ready for reloads: {error}", error=str(exc))
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """``python -m kotlin_smtp_py.worker``: one extra SMTP worker (spawned by the parent)."""
     parser = argparse.ArgumentParser(prog="kotlin_smtp_py.worker")
@@ -307,6 +327,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fds", type=int, default=0,
                         help="inherited listening sockets, from fd 3 on (shared sockets)")
     args = parser.parse_args(argv)
+    # A reload (SIGHUP) must not kill a worker that is still starting: its handler comes with
+    # the service (the parent also waits for the mark made then, mark_reload_ready).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     set_parent_death_signal()
     if os.getppid() != args.parent_pid:
         return 1  # the parent died before the death signal was armed
@@ -315,7 +338,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from twisted.internet.task import LoopingCall
     from twisted.logger import globalLogBeginner
 
-    from kotlin_smtp_py.eventloop import lighten_dispatch
+    from kotlin_smtp_py.eventloop import guard_stop_signals, lighten_dispatch
     from kotlin_smtp_py.log import configure_logging
     from kotlin_smtp_py.memory import tune_malloc
     from kotlin_smtp_py.twistd import load_or_exit
@@ -323,6 +346,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     config = load_or_exit(args.config)
     tune_malloc()
     lighten_dispatch(reactor)
+    guard_stop_signals(reactor)
     globalLogBeginner.beginLoggingTo([configure_logging(config.logging)],
                                      redirectStandardIO=False)
     role = ClusterRole(index=args.index, count=args.count, metrics_dir=args.metrics_dir,
