@@ -89,8 +89,43 @@ def prepare_parent(config: Any) -> ClusterRole | None:
         log.warn("socket activation: smtp.workers={count} ignored, serving in one process",
                  count=count)
         return None
-    metrics_dir = tempfile.mkdtemp(prefix="kotlin-smtp-metrics-")
+    remove_stale_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     return ClusterRole(index=0, count=count, metrics_dir=metrics_dir)
+
+
+METRICS_DIR_PREFIX = "kotlin-smtp-metrics-"
+
+
+def remove_stale_metrics_dirs(base: str | None = None) -> int:
+    """Remove the metrics directories of parents that are gone (a graceful stop removes its
+    own; a SIGKILLed parent leaves it behind). Only ours (same uid), named with a pid that no
+    process has any more; returns how many were removed."""
+    base = base or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX):].partition("-")[0]
+        if not pid_text.isdigit():
+            continue  # an older unnamed one: its owner is unknown, leave it
+        path = os.path.join(base, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # that process exists (ours or not): keep
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def split_local_limits(config: Any, count: int) -> Any:
