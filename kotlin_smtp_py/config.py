@@ -22,6 +22,8 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from kotlin_smtp_py.envelope import canonical_domain
+
 
 class ConfigError(ValueError):
     """Raised with every problem found; ``problems`` lists them one per line."""
@@ -55,17 +57,6 @@ class ListenerConfig:
     pregreetDelayMs: int = 1000
 
 
-def _a_label(domain: str) -> str:
-    if domain.isascii():
-        return domain
-    import idna
-
-    try:
-        return str(idna.encode(domain, uts46=True).decode("ascii")).lower()
-    except idna.IDNAError:
-        return domain  # validate() names it
-
-
 @dataclass(frozen=True)
 class RoutingConfig:
     localDomain: str = "localhost"
@@ -74,8 +65,8 @@ class RoutingConfig:
     def all_local_domains(self) -> frozenset[str]:
         """Lower-case, in the A-label form recipients' domains are compared in (a domain
         configured as "bücher.test" must match "xn--bcher-kva.test")."""
-        return frozenset(_a_label(d.lower().rstrip("."))
-                         for d in [self.localDomain, *self.localDomains] if d)
+        return frozenset(canonical_domain(d) for d in [self.localDomain, *self.localDomains]
+                         if d)
 
 
 @dataclass(frozen=True)
@@ -624,7 +615,8 @@ def validate(config: Config) -> list[str]:
         p.append("smtp.hostname: must be set")
     for i, domain in enumerate([s.routing.localDomain, *s.routing.localDomains]):
         key = "smtp.routing.localDomain" if i == 0 else f"smtp.routing.localDomains[{i - 1}]"
-        if domain and not domain.isascii() and _a_label(domain.lower()) == domain.lower():
+        if domain and not domain.isascii() and \
+                canonical_domain(domain) == domain.strip().lower().rstrip("."):
             p.append(f"{key}: {domain!r} is not a valid internationalised domain name")
     _writable_dir(s.storage.mailboxDir, "smtp.storage.mailboxDir", p)
     _writable_dir(s.storage.tempDir, "smtp.storage.tempDir", p)

@@ -67,6 +67,19 @@ class Address:
         return str(self).isascii()
 
 
+def canonical_domain(domain: str) -> str:
+    """A configured or routed domain as recipients' domains are compared: lower case, no
+    trailing dot, A-labels ("bücher.test" → "xn--bcher-kva.test"); a name IDNA refuses is
+    returned as it is (config validation names it)."""
+    domain = domain.strip().lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    try:
+        return str(idna.encode(domain, uts46=True).decode("ascii")).lower()
+    except idna.IDNAError:
+        return domain
+
+
 def _check_domain(domain: str, utf8: bool) -> str:
     if not domain:
         raise AddressError("empty domain")

@@ -12,27 +12,15 @@ import hashlib
 from dataclasses import dataclass
 
 from kotlin_smtp_py.config import RelayConfig, RouteConfig
+from kotlin_smtp_py.envelope import canonical_domain
 from kotlin_smtp_py.outbound.client import Credentials
 from kotlin_smtp_py.outbound.tlspolicy import TlsPolicy, effective_policy
-
-
-def _canonical(domain: str) -> str:
-    """Lower case, no trailing dot, A-labels (routes may be written in Unicode)."""
-    domain = domain.strip().lower().rstrip(".")
-    if domain.isascii():
-        return domain
-    import idna
-
-    try:
-        return str(idna.encode(domain, uts46=True).decode("ascii")).lower()
-    except idna.IDNAError:
-        return domain
 
 
 def recipient_domain(address: str) -> str:
     """The domain of ``local@domain`` in canonical (lower case, no trailing dot, A-label)
     form."""
-    return _canonical(address.rpartition("@")[2])
+    return canonical_domain(address.rpartition("@")[2])
 
 
 @dataclass(frozen=True)
@@ -59,7 +47,7 @@ class OutboundRouter:
         self._exact: dict[str, RouteConfig] = {}
         self._wildcard: RouteConfig | None = None
         for route in relay.routes:
-            domain = _canonical(route.domain)
+            domain = canonical_domain(route.domain)
             if domain == "*":
                 self._wildcard = self._wildcard or route
             else:
@@ -67,14 +55,14 @@ class OutboundRouter:
 
     def route_for(self, domain: str) -> RouteConfig | None:
         """The configured route for ``domain``, or None for direct MX delivery."""
-        domain = _canonical(domain)
+        domain = canonical_domain(domain)
         route = self._exact.get(domain) or self._wildcard or self._relay.defaultRoute
         if route is not None and not route.host:
             return None
         return route
 
     def next_hop(self, domain: str) -> NextHop:
-        domain = _canonical(domain)
+        domain = canonical_domain(domain)
         route = self.route_for(domain)
         tls = effective_policy(self._relay.outboundTls, route)
         if route is None:
