@@ -322,3 +322,55 @@ def start_redis(appendonly: bool = False) -> RedisServer:
             pytest.fail(f"redis-server is required under CI: {exc}")
         pytest.skip(f"redis-server unavailable: {exc}")
     return server
+
+
+def redis_command(port: int, *args: Any, timeout: float = 5.0) -> Any:
+    """One Redis command on a fresh connection to 127.0.0.1:``port`` (the tests' own view of
+    a server, independent of the client under test); the decoded RESP reply."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        with s.makefile("rb") as f:
+            return _read_resp(f)
+
+
+def _read_resp(f: Any) -> Any:
+    line = f.readline()
+    if not line:
+        raise ConnectionError("connection closed")
+    kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        return f.read(n + 2)[:-2]
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_read_resp(f) for _ in range(n)]
+    raise RuntimeError(f"unexpected RESP line {line!r}")
+
+
+def smtp_reply(f: Any) -> bytes:
+    """The last line of the next (possibly multi-line) SMTP reply on file ``f``."""
+    while True:
+        line = f.readline()
+        assert line, "connection closed"
+        if line[3:4] != b"-":
+            return bytes(line)
+
+
+def smtp_session(port: int, timeout: float = 30.0) -> tuple[socket.socket, Any]:
+    """A raw SMTP session on 127.0.0.1:``port``, greeted and past EHLO: (socket, file)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    f = s.makefile("rb")
+    assert smtp_reply(f).startswith(b"220")
+    s.sendall(b"EHLO client.test\r\n")
+    assert smtp_reply(f).startswith(b"250")
+    return s, f

@@ -30,7 +30,7 @@ for _p in (TESTS_DIR, TESTS_DIR / "integration"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from helpers import RedisServer, free_port, wait_until  # noqa: E402
+from helpers import RedisServer, free_port, redis_command, wait_until  # noqa: E402
 from mtaproc import MtaPool, MtaProcess, make_config  # noqa: E402
 
 TOKEN_RE = re.compile(rb"^X-Token: ([A-Za-z0-9_.-]+)\r?$", re.M)
@@ -398,43 +398,14 @@ def send_batch(node: Node, tokens: list[str]) -> list[Reply]:
 # -- Redis inspection (a few RESP commands over a raw socket) ---------------------------------
 
 
-def redis_cmd(port: int, *args: str | bytes | int) -> Any:
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    req = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(req)
-        return _resp(s.makefile("rb"))
-
-
-def _resp(f: Any) -> Any:
-    line = f.readline().rstrip(b"\r\n")
-    kind, rest = line[:1], line[1:]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = f.read(n + 2)
-        return data[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_resp(f) for _ in range(n)]
-    raise RuntimeError(f"bad RESP line {line!r}")
-
-
 def queue_size(redis: RedisServer, prefix: str) -> int:
-    return int(redis_cmd(redis.port, "ZCARD", f"{prefix}:due"))
+    return int(redis_command(redis.port, "ZCARD", f"{prefix}:due"))
 
 
 def lock_keys(redis: RedisServer, prefix: str) -> list[bytes]:
-    return list(redis_cmd(redis.port, "KEYS", f"{prefix}:lock:*") or [])
+    return list(redis_command(redis.port, "KEYS", f"{prefix}:lock:*") or [])
 
 
 __all__ = ["Attempt", "LoadStats", "Node", "RedisServer", "Reply", "TokenSink", "lock_keys",
-           "message", "new_token", "queue_size", "readiness", "redis_cmd", "run_client",
+           "message", "new_token", "queue_size", "readiness", "run_client",
            "send_batch", "send_one", "start_nodes", "wait_until"]

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 
+from helpers import redis_command
 from mn_support import (
     LoadStats,
     RedisServer,
@@ -22,7 +23,6 @@ from mn_support import (
     lock_keys,
     new_token,
     queue_size,
-    redis_cmd,
     run_client,
     start_nodes,
     wait_until,
@@ -77,7 +77,7 @@ def test_sigkilled_node_leases_expire_and_others_deliver_exactly_once(
 
     # the victim's leases are valid right now for at least min_ttl more seconds
     checked = time.monotonic()
-    min_ttl = min(int(redis_cmd(private_redis.port, "PTTL", k)) for k in
+    min_ttl = min(int(redis_command(private_redis.port, "PTTL", k)) for k in
                   lock_keys(private_redis, prefix)) / 1000.0
     assert min_ttl > 0
     sink.dead.add(victim.ehlo)  # its held sessions end unanswered: it never delivered them

@@ -33,9 +33,11 @@ from helpers import (
     CertSet,
     make_certs,
     process_socket_inodes,
+    smtp_session,
     tcp_socket_inodes,
     wait_until,
 )
+from helpers import smtp_reply as _reply
 from mtaproc import MtaPool, MtaProcess, write_config
 
 WORKER_MARK = b"kotlin_smtp_py.worker"
@@ -147,21 +149,8 @@ def _wait_serving(proc: MtaProcess, count: int) -> None:
 # -- protocol helpers --------------------------------------------------------------------------
 
 
-def _reply(f: Any) -> bytes:
-    while True:
-        line = f.readline()
-        assert line, "connection closed"
-        if line[3:4] != b"-":
-            return bytes(line)
-
-
 def _session(port: int) -> tuple[socket.socket, Any]:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    f = s.makefile("rb")
-    assert _reply(f).startswith(b"220")
-    s.sendall(b"EHLO hunt.test\r\n")
-    assert _reply(f).startswith(b"250")
-    return s, f
+    return smtp_session(port, timeout=10)
 
 
 def _quit(s: socket.socket, f: Any) -> None:

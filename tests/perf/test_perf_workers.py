@@ -22,6 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
 from helpers import TCP_LISTEN, process_socket_inodes, tcp_socket_inodes, wait_until
+from helpers import smtp_reply as _reply
+from helpers import smtp_session as _open_session
 from mtaproc import MtaPool, maildir_files, spool_entries
 
 CONNECTIONS = 24  # P(all on one of 2 SO_REUSEPORT sockets) = 2 * 2**-24
@@ -88,23 +90,6 @@ def _wait_listening(pids: list[int], port: int) -> None:
     wait_until(lambda: all(process_socket_inodes(p) & tcp_socket_inodes(port, TCP_LISTEN)
                            for p in pids),
                timeout=120, interval=0.2, message="workers listening on the shared port")
-
-
-def _reply(f: Any) -> bytes:
-    while True:
-        line = f.readline()
-        assert line, "connection closed"
-        if line[3:4] != b"-":
-            return bytes(line)
-
-
-def _open_session(port: int) -> tuple[socket.socket, Any]:
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    f = s.makefile("rb")
-    assert _reply(f).startswith(b"220")
-    s.sendall(b"EHLO perf.test\r\n")
-    assert _reply(f).startswith(b"250")
-    return s, f
 
 
 def _send(s: socket.socket, f: Any, n: int) -> None:

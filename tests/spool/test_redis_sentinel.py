@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import RedisServer, free_port, on_reactor, wait_until
+from helpers import RedisServer, free_port, on_reactor, redis_command, wait_until
 
 from kotlin_smtp_py.config import RedisConfig
 from kotlin_smtp_py.redisconn import LuaScript, RedisClient, connect
@@ -23,39 +22,9 @@ from kotlin_smtp_py.redisconn import LuaScript, RedisClient, connect
 MASTER_NAME = "mymaster"
 
 
-# -- a minimal blocking RESP client (the test's independent view of the servers) -------------
-
-def _read_reply(f: Any) -> Any:
-    line = f.readline()
-    if not line:
-        raise ConnectionError("connection closed")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = f.read(n + 2)
-        return data[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(f) for _ in range(n)]
-    raise RuntimeError(f"unexpected reply {line!r}")
-
-
 def raw_command(port: int, *args: Any, timeout: float = 2.0) -> Any:
     """One command on a fresh connection to 127.0.0.1:``port``; the decoded reply."""
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        with s.makefile("rb") as f:
-            return _read_reply(f)
+    return redis_command(port, *args, timeout=timeout)
 
 
 def try_command(port: int, *args: Any) -> Any:
