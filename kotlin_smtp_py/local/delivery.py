@@ -44,8 +44,6 @@ class LocalDelivery:
         self.is_local_domain = is_local_domain
         self.resubmit = resubmit
         self._thread = run_in_thread or threads.deferToThread
-        # Mailboxes written per queue id during one delivery run (see _deliver_one_sync).
-        self._written: dict[str, set[str]] = {}
 
     def expand(self, address: str) -> tuple[list[str], list[str]]:
         """(local mailbox names, remote addresses) that ``address`` stands for."""
@@ -91,8 +89,9 @@ class LocalDelivery:
         visit(address, 0)
         return local, remote, problems
 
-    def _deliver_one_sync(self, entry: QueueEntry, message_path: str,
-                          rcpt: Recipient) -> tuple[DeliveryStatus, list[str]]:
+    def _deliver_one_sync(self, entry: QueueEntry, message_path: str, rcpt: Recipient,
+                          written: set[str]) -> tuple[DeliveryStatus, list[str]]:
+        """``written``: the mailboxes this delivery run wrote already (updated here)."""
         try:
             parse_mailbox(rcpt.address, utf8=True)
         except AddressError:  # never "delivered" to an address nobody can parse
@@ -117,7 +116,6 @@ class LocalDelivery:
         # Earlier recipients of this run that reached the same mailbox (alice, ALICE,
         # alice+tag, a list with alice) wrote it already; on a first delivery nothing else
         # would notice once a reader moved that copy to cur/.
-        written = self._written.get(entry.queue_id, set())
         fresh = [m for m in local if m not in written]
         self.write_copies(entry.queue_id, entry.envelope, rcpt.address, fresh, message_path,
                           check_existing=not entry.first_delivery)
@@ -145,19 +143,11 @@ class LocalDelivery:
     def _deliver(self, entry: QueueEntry, message_path: str,
                  recipients: Sequence[Recipient]) -> Any:
         results: list[Result] = []
-        self._written[entry.queue_id] = set()
-        try:
-            return (yield self._deliver_each(entry, message_path, recipients, results))
-        finally:
-            self._written.pop(entry.queue_id, None)
-
-    @defer.inlineCallbacks
-    def _deliver_each(self, entry: QueueEntry, message_path: str,
-                      recipients: Sequence[Recipient], results: list[Result]) -> Any:
+        written: set[str] = set()
         for rcpt in recipients:
             try:
                 status, remote = yield self._thread(self._deliver_one_sync, entry, message_path,
-                                                    rcpt)
+                                                    rcpt, written)
                 if remote:
                     if self.resubmit is None:
                         status = DeliveryStatus.permanent_failure(
