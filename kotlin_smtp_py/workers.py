@@ -163,6 +163,11 @@ class SharedPort(tcp.Port):
     woken took a whole burst (all eight persistent connections of a load test, say) while the
     others, woken too, found the queue empty."""
 
+    # Twisted shuts a port's own socket down before closing it; on a socket the workers share,
+    # that ends the listening state in every process (their accept then fails with EINVAL).
+    # Closing only drops this process's descriptor.
+    _shouldShutdown = False
+
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
         return 1
