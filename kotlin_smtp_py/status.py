@@ -64,7 +64,10 @@ class DeliveryStatus:
     """Outcome of delivering to one recipient.
 
     ``kind`` is None for success. ``remote_mta`` and ``diagnostic`` feed the DSN fields
-    Remote-MTA and Diagnostic-Code.
+    Remote-MTA and Diagnostic-Code. ``success_action`` is what a success notice
+    (NOTIFY=SUCCESS) reports (RFC 3461 §6.3): ``delivered`` (a mailbox here), ``expanded``
+    (a mailing list here), ``relayed`` (handed to a server without DSN), or empty when the next
+    hop took the DSN parameters and reports itself (§5.2.2: no notice from us).
     """
 
     code: int
@@ -74,6 +77,7 @@ class DeliveryStatus:
     reason: Reason = Reason.OTHER
     remote_mta: str | None = None
     diagnostic: str | None = None
+    success_action: str = "delivered"
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,7 @@ local members are written directly, remote members are resubmitted to the spool 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -112,7 +113,8 @@ class LocalDelivery:
                 return DeliveryStatus.permanent_failure(
                     Reason.RECIPIENT, "list reaches no one: " + "; ".join(problems[:5]),
                     "5.4.6" if deep else "5.1.1"), []
-            return DeliveryStatus.delivered("list has no members"), []
+            return replace(DeliveryStatus.delivered("list has no members"),
+                           success_action="expanded"), []
         # Earlier recipients of this run that reached the same mailbox (alice, ALICE,
         # alice+tag, a list with alice) wrote it already; on a first delivery nothing else
         # would notice once a reader moved that copy to cur/.
@@ -120,7 +122,16 @@ class LocalDelivery:
         self.write_copies(entry.queue_id, entry.envelope, rcpt.address, fresh, message_path,
                           check_existing=not entry.first_delivery)
         written.update(fresh)
-        return DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)"), remote
+        status = DeliveryStatus.delivered(f"delivered to {len(local)} mailbox(es)")
+        if self._is_list(rcpt.address):
+            # RFC 3461 §6.2.7.3: a list's success is "expanded"; its members' notices (SUCCESS
+            # dropped for them) are the list's business.
+            status = replace(status, success_action="expanded")
+        return status, remote
+
+    def _is_list(self, address: str) -> bool:
+        name = self.directory.resolve(address.rpartition("@")[0])
+        return name is not None and self.directory.list_path(name) is not None
 
     def write_copies(self, queue_id: str, envelope: Envelope, address: str,
                      mailboxes: Sequence[str], message: str | bytes | bytearray,

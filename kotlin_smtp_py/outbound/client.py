@@ -817,7 +817,10 @@ class ClientSession:
         final = await self.reader.reply()
         status = final.status(Reason.MESSAGE, self.target.name)
         if status.ok:
-            status = replace(status, text=f"delivered to {self.target.name}: {final.text}"[:500])
+            # RFC 3461 §5.2.2: a DSN-capable next hop got NOTIFY/ORCPT and reports success
+            # itself; past one without DSN, a success notice can only say "relayed".
+            status = replace(status, text=f"delivered to {self.target.name}: {final.text}"[:500],
+                             success_action="" if "DSN" in self.extensions else "relayed")
         return status
 
     async def _quit(self) -> None:

@@ -80,7 +80,8 @@ def _subject(action: str) -> str:
     return {"failed": "Undelivered Mail Returned to Sender",
             "delayed": "Delayed Mail (still being retried)",
             "delivered": "Successful Mail Delivery Report",
-            "relayed": "Mail Relayed Report"}.get(action, "Delivery Status Notification")
+            "relayed": "Mail Relayed Report",
+            "expanded": "Mail Delivered to a List"}.get(action, "Delivery Status Notification")
 
 
 def _human(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]], action: str,
@@ -92,6 +93,8 @@ def _human(entry: QueueEntry, results: list[tuple[Recipient, DeliveryStatus]], a
                    "Delivery is still being retried; you do not need to resend it.",
         "delivered": "Your message was delivered to the recipients listed below.",
         "relayed": "Your message was relayed to a system that does not send delivery reports.",
+        "expanded": "Your message was delivered to the mailing lists listed below; their\n"
+                    "members' deliveries are not reported to you.",
     }.get(action, "Delivery status of your message.")
     lines = [f"This is the mail system at {reporting_mta}.", "", *intro.split("\n"), ""]
     for rcpt, status in results:

@@ -319,7 +319,9 @@ class Scheduler:
             return
         # Success and delay notices are courtesy: a failure to queue one is logged, not retried.
         fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified]
-        for action, group in (("delivered", delivered), ("delayed", fresh_delay)):
+        groups = [(action, [r for r in delivered if r[1].success_action == action])
+                  for action in ("delivered", "expanded", "relayed")]
+        for action, group in (*groups, ("delayed", fresh_delay)):
             if group:
                 try:
                     await self.bouncer.notify(entry, claim.message_path, group, action)

@@ -56,20 +56,48 @@ def test_notify_never_suppresses_the_dsn(e2e_server, sinks, certs) -> None:
     _assert_no_dsn(server, sink)
 
 
-def test_notify_success_yields_a_success_dsn(e2e_server, sinks, certs) -> None:
+def test_notify_success_goes_on_to_a_dsn_capable_peer_without_a_notice_from_us(
+        e2e_server, sinks, certs) -> None:
+    """RFC 3461 §5.2.2: the next hop got NOTIFY=SUCCESS and reports the delivery itself; a
+    notice from us as well would tell the sender "delivered" twice (and too early)."""
     sink = sinks.start(behaviour=Behaviour())
     server = e2e_server()
     submit(server, certs, "carol@localhost", ["good@normal.test"], message("success"),
            rcpt_options=("NOTIFY=SUCCESS",))
-    [raw] = server.pump(lambda: server.messages("carol"), message="the success DSN")
+    _assert_no_dsn(server, sink)
     assert len(sink.transactions) == 1
-    dsn = Dsn(raw)
-    assert dsn.one("Final-Recipient") == "rfc822; good@normal.test"
-    assert dsn.one("Action") == "delivered"
-    assert dsn.one("Status").startswith("2.")
-    # The peer offered DSN: NOTIFY went on with the recipient (our duty now ends there).
     [rcpt] = sink.transactions[0].rcpts
     assert rcpt.startswith("RCPT TO:<good@normal.test> ") and "NOTIFY=SUCCESS" in rcpt, rcpt
+
+
+def test_notify_success_past_a_peer_without_dsn_yields_a_relayed_notice(
+        e2e_server, sinks, certs) -> None:
+    sink = sinks.start(behaviour=Behaviour(extensions=["PIPELINING", "8BITMIME"]))
+    server = e2e_server()
+    submit(server, certs, "carol@localhost", ["good@normal.test"], message("relayed"),
+           rcpt_options=("NOTIFY=SUCCESS",))
+    [raw] = server.pump(lambda: server.messages("carol"), message="the relayed notice")
+    assert len(sink.transactions) == 1
+    assert sink.transactions[0].rcpts == ["RCPT TO:<good@normal.test>"]
+    dsn = Dsn(raw)
+    assert dsn.one("Final-Recipient") == "rfc822; good@normal.test"
+    assert dsn.one("Action") == "relayed"
+    assert dsn.one("Status").startswith("2.")
+    assert dsn.one("Remote-MTA") == "dns; mx.test"
+
+
+def test_notify_success_to_a_local_mailbox_and_a_local_list(e2e_server, sinks, certs) -> None:
+    sinks.start(behaviour=Behaviour())
+    server = e2e_server()
+    (server.root / "lists" / "team").write_text("dave\n")
+    submit(server, certs, "carol@localhost", ["dave@localhost", "team@localhost"],
+           message("local success"), rcpt_options=("NOTIFY=SUCCESS",))
+    notices = server.pump(lambda: (lambda m: m if len(m) == 2 else [])(
+        server.messages("carol")), message="two success notices")
+    actions = {Dsn(raw).one("Final-Recipient"): Dsn(raw).one("Action") for raw in notices}
+    assert actions == {"rfc822; dave@localhost": "delivered",
+                       "rfc822; team@localhost": "expanded"}
+    assert len(server.messages("dave")) == 1  # one copy for dave and the list with dave
 
 
 def test_notify_delay_gives_one_delay_notice(e2e_server, sinks, certs) -> None:
