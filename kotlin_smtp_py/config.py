@@ -753,6 +753,10 @@ def warnings(config: Config) -> list[str]:
     s = config.smtp
     if relay_is_open(config):
         w.append("relay is open: unauthenticated clients may relay to any domain")
+    elif s.relay.enabled and s.relay.allowedSenderDomains and not s.relay.allowedClientCidrs:
+        # The envelope sender is whatever the client says: anyone can claim such a domain.
+        w.append("smtp.relay.allowedSenderDomains without allowedClientCidrs: any client that "
+                 "gives a sender in those domains may relay (senders are not verified)")
     if s.relay.outboundTls.trustAll:
         w.append("smtp.relay.outboundTls.trustAll=true: outbound TLS certificates are not verified")
     plain = [u for u, v in s.auth.users.items() if not is_bcrypt_hash(v)]

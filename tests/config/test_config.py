@@ -291,6 +291,17 @@ def test_fail_on_open_relay(base: dict[str, Any]) -> None:
     assert any("relay is open" in w for w in cfg.warnings(config))
 
 
+def test_sender_domains_alone_are_warned_about(base: dict[str, Any]) -> None:
+    """The envelope sender is unverified: a sender-domain allowlist without a client allowlist
+    lets anyone relay who claims such a sender (start-up and check-config say so)."""
+    relay = {"enabled": True, "allowedSenderDomains": ["example.org"]}
+    config = _load(_merge(base, {"smtp": {"relay": relay}}))
+    assert any("senders are not verified" in w for w in cfg.warnings(config))
+    both = _load(_merge(base, {"smtp": {"relay": {**relay,
+                                                  "allowedClientCidrs": ["10.0.0.0/8"]}}}))
+    assert not any("senders are not verified" in w for w in cfg.warnings(both))
+
+
 @pytest.mark.parametrize("where", ["outboundTls", "route", "defaultRoute"])
 def test_fail_on_trust_all(base: dict[str, Any], where: str) -> None:
     relay: dict[str, Any] = {"enabled": True, "outboundTls": {"failOnTrustAll": True}}
