@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import Config, spool_backend
@@ -160,24 +161,35 @@ class TriggerGate:
     With a spool that records flush requests (the file spool: ``kotlin-smtp queue flush``
     leaves one for the running server), the two share one cooldown: an ETRN right after a
     flush is refused, and a flush right after an ETRN exits 75. Those records carry wall-clock
-    times (another process writes them), so that comparison uses ``time.time()``."""
+    times (another process writes them), so that comparison uses ``time.time()``. With a spool
+    that keeps a cluster-wide slot (the Redis spool's ``flush_slot``), every node and the CLI
+    share that one cooldown instead."""
 
     def __init__(self, scheduler: Scheduler, cooldown_ms: int, clock: Any,
                  spool: Any = None) -> None:
         self.scheduler = scheduler
+        self.cooldown_ms = cooldown_ms
         self.cooldown = cooldown_ms / 1000.0
         self.clock = clock
         self._last = float("-inf")
         self._last_request = getattr(spool, "last_flush_request", None)
         self._note = getattr(spool, "note_trigger", None)
+        self._slot = getattr(spool, "flush_slot", None)
 
-    def fire(self) -> bool:
+    def fire(self) -> defer.Deferred[bool]:
+        """True (and the scheduler triggered) unless a trigger ran within the cooldown."""
         now = float(self.clock.seconds())
         if now - self._last < self.cooldown:
-            return False
+            return defer.succeed(False)
         if self._last_request is not None and \
                 time.time() - self._last_request() < self.cooldown:
-            return False
+            return defer.succeed(False)
+        if self._slot is None:
+            return defer.succeed(self._fired(now))
+        d: defer.Deferred[bool] = self._slot(self.cooldown_ms)
+        return d.addCallback(lambda free: free and self._fired(now))
+
+    def _fired(self, now: float) -> bool:
         self._last = now
         if self._note is not None:
             self._note()
@@ -476,16 +488,32 @@ class SmtpService(service.MultiService):
         members = read_list(path)
         return SmtpReply(250, "2.1.5", "\n".join(f"<{m}>" for m in members) or "(empty list)")
 
-    def _etrn(self, session: SMTPServerProtocol, arg: str) -> SmtpReply:
+    def _etrn(self, session: SMTPServerProtocol, arg: str) -> Any:
         if not arg:
             return SmtpReply(501, "5.5.4", "Syntax: ETRN domain")
-        if session.session_info().auth_user is None:
-            return SmtpReply(530, "5.7.0", "Authentication required for ETRN")
         user = session.session_info().auth_user
-        if not self.trigger_gate.fire():
-            log.info("ETRN {domain} by {user} refused: cooldown", domain=arg, user=user,
-                     peer=session.peer_ip, event="etrn_refused")
-            return SmtpReply(458, "4.3.0", "Unable to queue messages now, try again later")
+        if user is None:
+            return SmtpReply(530, "5.7.0", "Authentication required for ETRN")
+        refused = SmtpReply(458, "4.3.0", "Unable to queue messages now, try again later")
+
+        def unavailable(f: Failure) -> SmtpReply:
+            log.warn("ETRN {domain} by {user} refused: {error}", domain=arg, user=user,
+                     error=f.getErrorMessage(), peer=session.peer_ip, event="etrn_refused")
+            return refused
+
+        d = self.trigger_gate.fire()
+        d.addCallback(lambda fired: self._etrn_fired(session, arg, user, fired) if fired
+                      else self._etrn_cooldown(session, arg, user, refused))
+        return d.addErrback(unavailable)
+
+    def _etrn_cooldown(self, session: SMTPServerProtocol, arg: str, user: str,
+                       refused: SmtpReply) -> SmtpReply:
+        log.info("ETRN {domain} by {user} refused: cooldown", domain=arg, user=user,
+                 peer=session.peer_ip, event="etrn_refused")
+        return refused
+
+    def _etrn_fired(self, session: SMTPServerProtocol, arg: str, user: str,
+                    fired: bool) -> SmtpReply:
         # A bare trigger only runs entries already due; ETRN means "retry this domain's
         # deferred mail now" (RFC 1985), like `queue flush` restricted to the domain.
         # Logged (event etrn) so that operators can watch how often it is used.

@@ -103,3 +103,50 @@ def test_redis_restart_during_a_commit_costs_a_wait_not_a_451(make_server: Any) 
         assert b"Subject: during a restart" in msg
     finally:
         redis.cleanup()
+
+
+def _etrn_node(make_server: Any, redis: RedisServer, prefix: str) -> Any:
+    from kotlin_smtp_py.inbound.auth import hash_password
+
+    over = _redis_overrides(redis, prefix)
+    over["smtp"]["features"] = {"etrnEnabled": True}
+    over["smtp"]["spool"]["triggerCooldownMillis"] = 600_000
+    over["smtp"]["auth"] = {"users": {"carol": hash_password("pw", rounds=4)}}
+    over["smtp"]["listeners"] = [{"port": 0, "bindAddress": "127.0.0.1",
+                                  "allowPlaintextAuth": True}]
+    return make_server(over)
+
+
+def _etrn(srv: Any) -> int:
+    import base64
+
+    c = Client(srv.port)
+    c.reply()
+    c.cmd("EHLO c.test")
+    assert c.cmd("AUTH PLAIN " + base64.b64encode(b"\0carol\0pw").decode())[0] == 235
+    code, _ = c.cmd("ETRN example.org")
+    c.close()
+    return int(code)
+
+
+def test_etrn_cooldown_is_shared_by_every_node(make_server: Any,
+                                               redis_server: RedisServer) -> None:
+    """SPEC §3: one cooldown for ETRN and ``queue flush``; on the Redis spool a node's ETRN
+    holds it for the whole cluster (each node kept its own before: N nodes, N runs)."""
+    prefix = f"t:{uuid.uuid4().hex}"
+    a = _etrn_node(make_server, redis_server, prefix)
+    b = _etrn_node(make_server, redis_server, prefix)
+    assert _etrn(a) == 250
+    assert _etrn(b) == 458
+    assert _etrn(a) == 458
+
+
+def test_etrn_with_redis_down_is_refused_not_an_error(make_server: Any) -> None:
+    redis = RedisServer()
+    redis.start()
+    try:
+        srv = _etrn_node(make_server, redis, f"t:{uuid.uuid4().hex}")
+        redis.stop()
+        assert _etrn(srv) == 458
+    finally:
+        redis.cleanup()
