@@ -185,6 +185,7 @@ class Transaction:
     header: Any = None
     bdat_used: bool = False
     bdat_failed: SmtpReply | None = None
+    rejection_reported: bool = False  # counted, logged, writer released (BDAT size refusal)
     bdat_size: int = 0
     bdat_bad_eol: bool = False
     bdat_last_cr: bool = False
@@ -964,6 +965,11 @@ class SMTPServerProtocol(smtp.ESMTP):
         assert tx is not None
         if not self._bdat_last:
             if tx.bdat_failed is not None:
+                # RFC 3030 §2: after a 5xx the client sends no more BDAT but RSET, so the
+                # refusal is counted and the writer released now, not at a LAST that may never
+                # come; chunks already pipelined get the same answer until the LAST.
+                if not tx.rejection_reported:
+                    self._reject_message(tx, tx.bdat_failed)
                 self._reply(tx.bdat_failed)
                 return
             self._reply(R(250, "2.0.0", f"{tx.bdat_size} octets received"))
@@ -976,11 +982,8 @@ class SMTPServerProtocol(smtp.ESMTP):
     def _end_message(self, tx: Transaction, error: SmtpReply | None) -> Any:
         self._tx = None
         if error is not None:
-            tx.writer.abort()
-            self.factory.message_rejected(self, error)
-            log.info("session {session} message rejected: {status}", session=self.session_id,
-                     peer=self.peer_ip, status=f"{error.code} {error.enhanced} {error.text}",
-                     event="message_rejected")
+            if not tx.rejection_reported:
+                self._reject_message(tx, error)
             return error
         tx.header.flush()
         if tx.header.hops >= MAX_HOPS:  # our own Received: would make it one more
@@ -1024,6 +1027,14 @@ class SMTPServerProtocol(smtp.ESMTP):
             return reply
 
         return d.addCallbacks(stored, failed)
+
+    def _reject_message(self, tx: Transaction, error: SmtpReply) -> None:
+        tx.rejection_reported = True
+        tx.writer.abort()
+        self.factory.message_rejected(self, error)
+        log.info("session {session} message rejected: {status}", session=self.session_id,
+                 peer=self.peer_ip, status=f"{error.code} {error.enhanced} {error.text}",
+                 event="message_rejected")
 
     def _after_transaction(self) -> None:
         if self in self.factory.closing_after_transaction:

@@ -351,7 +351,7 @@ class FileSpool:
             if delivered:
                 done = set(delivered)
                 entry = entry.evolve(pending=tuple(r for r in entry.pending if r not in done),
-                                     delivered_directly=delivered)
+                                     delivered_directly=delivered, delivered_before=True)
         if entry.pending:
             self.commit_sync(fh, path, entry, head, attempted=failed)
         elif fh is not None:
@@ -365,9 +365,19 @@ class FileSpool:
         return FileSpoolWriter(self, new_queue_id())
 
     def enqueue(self, envelope: Envelope, message: bytes) -> defer.Deferred[QueueEntry]:
+        """Messages we generate (notices, reports, list expansions). Their local recipients
+        may be written directly at the commit, as SMTP mail is: reported as delivered here
+        (for SMTP mail the server reports after its 250)."""
         writer = self.open_writer()
         writer.write(message)
-        return writer.commit(envelope)
+        d = writer.commit(envelope)
+
+        def report(entry: QueueEntry) -> QueueEntry:
+            if entry.delivered_directly and self.direct is not None:
+                self.direct.report(entry)
+            return entry
+
+        return d.addCallback(report)
 
     # -- ISpool: scheduling --------------------------------------------------------------------
 
@@ -426,7 +436,8 @@ class FileSpool:
     def _cleanup_orphans_sync(self, names: list[str], json_ids: set[str], now: float) -> None:
         """Remove files of crashed commits/deletes (never acknowledged) once clearly stale."""
         for name in names:
-            if name.endswith(".eml") and name[:-4] not in json_ids:
+            if (name.endswith(".eml") and name[:-4] not in json_ids) or \
+                    name.startswith(".probe-"):  # readiness probe of a crashed process
                 self._remove_if_stale(os.path.join(self.queue_dir, name), now)
         with os.scandir(self.tmp_dir) as it:
             for e in it:
@@ -787,19 +798,22 @@ class FileSpool:
         return self.run_in_thread(self._take_requests_sync).addCallback(apply)
 
     def healthy(self) -> defer.Deferred[tuple[bool, str]]:
-        """Readiness: the spool directories exist and a file can be created (as root,
-        ``os.access`` says yes to nearly anything, so try it)."""
+        """Readiness: the spool directories exist and files can be created in both (as
+        root, ``os.access`` says yes to nearly anything, so try it): a commit writes in
+        ``tmp/`` and renames into ``queue/``, and either refusing means 451 for every message."""
         def probe() -> tuple[bool, str]:
             for d in (self.queue_dir, self.tmp_dir):
                 if not os.path.isdir(d):
                     return False, f"{d} is not a directory"
-            path = os.path.join(self.tmp_dir, f".probe-{unique_hex(4)}")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.close(fd)
-                os.unlink(path)
-            except OSError as exc:
-                return False, f"cannot create files in {self.tmp_dir}: {exc.strerror}"
+            for d in (self.tmp_dir, self.queue_dir):
+                # A dot name: scans of queue/ only look at queue ids.
+                path = os.path.join(d, f".probe-{unique_hex(4)}")
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    os.close(fd)
+                    os.unlink(path)
+                except OSError as exc:
+                    return False, f"cannot create files in {d}: {exc.strerror}"
             return True, "ok"
 
         return self.run_in_thread(probe)

@@ -17,6 +17,9 @@ class QueueEntry:
     ``pending`` shrinks as recipients are delivered or bounced; the entry is complete when it is
     empty. ``attempts`` counts delivery runs that ended with at least one transient failure.
     ``delayed_notified`` remembers recipients that already got a NOTIFY=DELAY notice.
+    ``delivered_before`` / ``bounced_before``: an earlier run (or the commit's direct local
+    delivery) delivered / bounced some recipient, so the entry's final outcome (completed,
+    dropped, other) covers every run, not only the last.
     """
 
     queue_id: str
@@ -27,6 +30,8 @@ class QueueEntry:
     created: float = field(default_factory=time.time)
     last_error: str | None = None
     delayed_notified: tuple[str, ...] = ()
+    delivered_before: bool = False
+    bounced_before: bool = False
     # Set by a spool when it can prove no delivery of this entry was ever attempted (its first
     # lease); deliveries may then skip duplicate checks. Never stored: False is the safe side.
     first_delivery: bool = field(default=False, compare=False)
@@ -41,6 +46,10 @@ class QueueEntry:
             "next_attempt": self.next_attempt, "created": self.created,
             "last_error": self.last_error, "delayed_notified": list(self.delayed_notified),
         }
+        if self.delivered_before:  # only when set: most entries never need them
+            data["delivered_before"] = True
+        if self.bounced_before:
+            data["bounced_before"] = True
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -52,6 +61,8 @@ class QueueEntry:
             attempts=int(data["attempts"]), next_attempt=float(data["next_attempt"]),
             created=float(data["created"]), last_error=data.get("last_error"),
             delayed_notified=tuple(data.get("delayed_notified") or ()),
+            delivered_before=data.get("delivered_before") is True,
+            bounced_before=data.get("bounced_before") is True,
         )
 
     def evolve(self, **changes: Any) -> QueueEntry:

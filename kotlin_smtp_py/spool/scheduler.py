@@ -315,7 +315,8 @@ class Scheduler:
             done = {r.address for r, _ in delivered}
             await self.spool.reschedule(claim, entry.evolve(
                 pending=tuple(r for r in entry.pending if r.address not in done),
-                attempts=attempt, next_attempt=now + delay))
+                attempts=attempt, next_attempt=now + delay,
+                delivered_before=entry.delivered_before or bool(delivered)))
             return
         # Success and delay notices are courtesy: a failure to queue one is logged, not retried.
         fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified]
@@ -333,7 +334,11 @@ class Scheduler:
         age = max(0.0, now - entry.created)
         if not retry:
             await self.spool.complete(claim)
-            outcome = "completed" if not failed else ("dropped" if not delivered else "other")
+            # Over every run: a recipient bounced earlier makes a later full success "other".
+            any_failed = bool(failed) or entry.bounced_before
+            any_delivered = bool(delivered) or entry.delivered_before
+            outcome = "completed" if not any_failed else (
+                "dropped" if not any_delivered else "other")
             self.events.entry_finished(entry, outcome, age)
             log_finished(entry, outcome)
             return
@@ -341,7 +346,9 @@ class Scheduler:
         remaining = tuple(r for r, _ in retry)
         notified = tuple(sorted({*entry.delayed_notified, *(r.address for r, _ in retry)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
-                               last_error=retry[0][1].text[:500], delayed_notified=notified)
+                               last_error=retry[0][1].text[:500], delayed_notified=notified,
+                               delivered_before=entry.delivered_before or bool(delivered),
+                               bounced_before=entry.bounced_before or bool(failed))
         await self.spool.reschedule(claim, updated)
         self.events.retry_scheduled(entry, delay)
         log.info("deferred {queue_id}: {n} recipient(s) retry in {delay:.0f}s (attempt {attempt})",
