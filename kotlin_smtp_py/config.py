@@ -659,6 +659,8 @@ def validate(config: Config) -> list[str]:
                 readable = False
         if readable:
             _check_pem(s.ssl.certChainFile, s.ssl.privateKeyFile, p)
+    if s.ssl.cipherSuites:
+        _check_ciphers(s.ssl.cipherSuites, p)
     _check_choice(s.sentArchive.mode, ("TRUSTED_SUBMISSION", "AUTHENTICATED_ONLY", "DISABLED"),
                   "smtp.sentArchive.mode", p)
     _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
@@ -733,6 +735,21 @@ def _check_cidr(cidr: str, key: str, problems: list[str]) -> None:
         problems.append(f"{key}: {cidr!r} is not a valid CIDR")
 
 
+def _check_ciphers(suites: list[str], p: list[str]) -> None:
+    """The TLS 1.2 cipher list as the server context will take it (Twisted refuses a list
+    with no usable cipher at start-up, without naming the key)."""
+    from twisted.internet import ssl as tssl
+
+    text = ":".join(suites)
+    try:
+        tssl.CertificateOptions(acceptableCiphers=tssl.AcceptableCiphers.fromOpenSSLCipherString(
+            text))  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        p.append(f"smtp.ssl.cipherSuites: no usable cipher in {text!r} ({exc}); give OpenSSL "
+                 "names of TLS 1.2 ciphers (e.g. ECDHE-RSA-AES256-GCM-SHA384); TLS 1.3 suites "
+                 "are not configured here")
+
+
 def relay_is_open(config: Config) -> bool:
     r = config.smtp.relay
     return r.enabled and not r.requireAuthForRelay and not r.allowedClientCidrs \
@@ -788,6 +805,22 @@ def to_plain(obj: Any, mask: bool = True) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v, mask) for k, v in obj.items()}
     return obj
+
+
+def leaf_values(config: Config) -> dict[str, Any]:
+    """Every leaf key path (``smtp.ssl.enabled``) with its value as plain data, secrets
+    unmasked; lists and maps are leaves (``smtp.auth.users`` is one)."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{path}.{yaml_key(f)}" if path else yaml_key(f))
+        else:
+            out[path] = to_plain(obj, mask=False)
+
+    walk(config, "")
+    return out
 
 
 def dump_effective(config: Config) -> str:

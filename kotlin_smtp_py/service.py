@@ -105,6 +105,18 @@ def build_tls_context(config: Config) -> Any:
     return ssl.CertificateOptions(**kwargs)
 
 
+_RELOADED_KEYS = ("smtp.auth.users", "smtp.auth.allowPlaintextPasswords")
+_RELOADED_TLS_KEYS = ("smtp.ssl.certChainFile", "smtp.ssl.privateKeyFile",
+                      "smtp.ssl.minTlsVersion", "smtp.ssl.cipherSuites")
+
+
+def _reloadable(key: str, tls_swapped: bool) -> bool:
+    """Whether SIGHUP applies ``key`` (the TLS keys only when a TLS context was swapped)."""
+    if key.startswith(_RELOADED_KEYS):
+        return True
+    return tls_swapped and key in _RELOADED_TLS_KEYS
+
+
 @implementer(IOpenSSLContextFactory)
 class ReloadableTLS:
     """A TLS context factory whose certificate can be swapped (SIGHUP) without touching
@@ -615,13 +627,24 @@ class SmtpService(service.MultiService):
             log.error("reload failed, keeping the running configuration: {error}",
                       error=str(exc), event="reload_failed")
             return False
+        applied = ["users"]
         if tls is not None and self.tls_context is not None:
             self.tls_context.current = tls
+            applied.insert(0, "TLS certificates")
         if isinstance(self.auth_checker, UserTableChecker):
             self.auth_checker.users = dict(new.smtp.auth.users)
             self.auth_checker.allow_plaintext = new.smtp.auth.allowPlaintextPasswords
-        log.info("reloaded TLS certificates and users from {path}", path=self.config_path,
-                 event="reloaded")
+        running = cfg.leaf_values(self.config)
+        changed = sorted(k for k, v in cfg.leaf_values(new).items()
+                         if running.get(k) != v and not _reloadable(k, tls is not None and
+                                                                    self.tls_context is not None))
+        if changed:
+            # Say so rather than let the operator believe the change is live.
+            log.warn("reload: changed keys that need a restart to take effect: {keys}",
+                     keys=", ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""),
+                     event="reload_needs_restart")
+        log.info("reloaded {what} from {path}", what=" and ".join(applied),
+                 path=self.config_path, event="reloaded")
         return True
 
     def _install_sighup(self) -> None:

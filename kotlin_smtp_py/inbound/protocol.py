@@ -191,6 +191,20 @@ class Transaction:
     bdat_last_cr: bool = False
 
 
+def _handshake_error(reason: Failure | None) -> str:
+    """The OpenSSL reason of a failed handshake, short ("unsupported protocol"), or how the
+    connection ended when there is none (the peer hung up or timed out)."""
+    if reason is None:
+        return "connection closed"
+    value = reason.value
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        first = args[0][0]  # OpenSSL.SSL.Error: [(library, function, reason), ...]
+        if isinstance(first, tuple) and first:
+            return str(first[-1])
+    return reason.getErrorMessage()[:200] or type(value).__name__
+
+
 class HeaderFixer:
     """Holds the header block back until it is complete, then writes our Received header, a
     Message-ID/Date when missing, and the original headers; the body streams straight through."""
@@ -261,6 +275,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._auth_user: str | None = None
         self._auth_state: tuple[str, list[str]] | None = None
         self._tls = False
+        self._handshake_done = False
         self._errors = 0
         self._auth_refusals = 0
         self._bdat_remaining = 0
@@ -336,6 +351,12 @@ class SMTPServerProtocol(smtp.ESMTP):
             if call is not None and call.active():
                 call.cancel()
         self._abort_tx()
+        if self._tls and not self._handshake_done:
+            # A minTlsVersion/cipherSuites mismatch, or plain text on an implicit-TLS port,
+            # looks like a hang-up otherwise (Postfix logs its SSL_accept error likewise).
+            log.info("session {session} TLS handshake failed with {peer}: {error}",
+                     session=self.session_id, peer=self.peer_ip,
+                     error=_handshake_error(reason), event="tls_handshake_failed")
         self.factory.session_ended(self)
         self.factory.release_connection(self)  # no-op unless the connection was counted
         log.info("session {session} disconnect from {peer}", session=self.session_id,
@@ -363,6 +384,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
+        self._handshake_done = True
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
 
@@ -393,7 +415,9 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._flush()
             self._closing = True
             self._mode = "closed"
-        if getattr(t, "TLS", False):
+        # self._tls: an implicit-TLS transport does not answer to ``TLS`` (its wrapper passes
+        # the lookup on to the TCP transport), and aborting it would drop the queued 421.
+        if self._tls or getattr(t, "TLS", False):
             t.loseConnection()
         else:
             t.abortConnection()

@@ -254,7 +254,7 @@ def test_sighup_right_after_start_does_not_kill_booting_workers(mtas: MtaPool) -
     booting = wait_until(lambda: (lambda p: p if len(p) == 2 else [])(_workers_of(proc.pid)),
                          timeout=30, interval=0.01, message="worker processes")
     proc.signal(signal.SIGHUP)  # e.g. a certificate renewal hook right after a restart
-    wait_until(lambda: "reloaded TLS certificates" in proc.log(), timeout=20,
+    wait_until(lambda: "users from" in proc.log(), timeout=20,
                message="parent reload")
     # Either the original workers all come up (fine) or one of them is gone (the bug).
     wait_until(lambda: proc.log().count("serving") >= 2 or not all(map(_alive, booting)),
@@ -282,7 +282,7 @@ def test_sighup_with_mismatched_key_keeps_the_old_certificate(
     cert.write_bytes(a.wrong_cert.read_bytes())
     proc.signal(signal.SIGHUP)
     wait_until(lambda: "reload failed" in proc.log(), timeout=20, message="failed reload logged")
-    assert "reloaded TLS certificates" not in proc.log()
+    assert "users from" not in proc.log()
     assert proc.running()
     assert _fingerprint(proc.port, a.ca_cert) == before  # STARTTLS still works
 
@@ -303,7 +303,7 @@ def test_sighup_broken_certificate_keeps_old_one_in_parent_and_worker(
     proc.signal(signal.SIGHUP)
     wait_until(lambda: proc.log().count("reload failed") >= 2, timeout=20,
                message="parent and worker log the failed reload")
-    assert "reloaded TLS certificates" not in proc.log()
+    assert "users from" not in proc.log()
     with _Stopped(proc.pid):  # only the worker accepts
         assert _fingerprint(port, a.ca_cert) == before
         assert _auth(port, a.ca_cert, "u", "p") == 235
@@ -321,7 +321,7 @@ def test_sighup_new_certificate_and_users_reach_the_worker(
     conf["smtp"]["auth"]["users"] = {"newuser": "new-pass"}
     write_config(proc.config_path, conf)  # type: ignore[arg-type]
     proc.signal(signal.SIGHUP)
-    wait_until(lambda: proc.log().count("reloaded TLS certificates") >= 2, timeout=20,
+    wait_until(lambda: proc.log().count("users from") >= 2, timeout=20,
                message="parent and worker reloaded")
     with _Stopped(proc.pid):  # the worker alone
         assert _fingerprint(port, b.ca_cert)
