@@ -138,6 +138,11 @@ class SMTPFactory(protocol.ServerFactory):
             log.info("too many connections from {peer}", peer=session.peer_ip,
                      event="connection_limited")
             return SmtpReply(421, "4.7.0", "Too many connections from your address")
+        if session.closed:
+            # The client left while a shared (Redis) limiter was answering: its disconnect
+            # found nothing to release, so the slot just taken is given back here.
+            self.connection_limiter.release(session.peer_ip)
+            return None
         self._counted.add(session)
         return self._pregreet_wait(session)
 

@@ -61,8 +61,13 @@ if TYPE_CHECKING:
 log = Logger()
 
 PAUSE_BUFFER = 64 * 1024  # pause reading when this much input waits behind a pending command
+# A command the server works on (commit, checks) for this long ends the session after all.
+BUSY_LIMIT_SECONDS = 600.0
 AUTH_LINE_MAX = 12288  # RFC 4954 §4
 MAX_ERRORS = 20  # like Postfix's smtpd_hard_error_limit
+# Like Postfix's smtpd_junk_command_limit: past this many NOOP/RSET/VRFY/EXPN/ETRN since
+# the last accepted message, each one counts as an error (a session cannot idle on them).
+JUNK_LIMIT = 100
 HEADER_SCAN_LIMIT = 64 * 1024
 # RFC 5321 §6.3: count Received: fields to stop mail loops; "at least 100" hops allowed.
 MAX_HOPS = 100
@@ -225,11 +230,14 @@ class HeaderFixer:
             self._writer.write(data)
             return
         self._held += data
-        if self._held.startswith(b"\r\n") or b"\r\n\r\n" in self._held or \
-                len(self._held) > HEADER_SCAN_LIMIT:
+        if self._held.startswith(b"\r\n") or b"\r\n\r\n" in self._held:
             self.flush()
+        elif len(self._held) > HEADER_SCAN_LIMIT:
+            self.flush(partial=True)
 
-    def flush(self) -> None:
+    def flush(self, partial: bool = False) -> None:
+        """``partial``: the header goes on past what was held (over HEADER_SCAN_LIMIT), so a
+        Message-ID or Date may still come; none is added then (RFC 5322 §3.6: at most one)."""
         if self._held is None:
             return
         held, self._held = bytes(self._held), None
@@ -240,12 +248,12 @@ class HeaderFixer:
         extra = b""
         mid = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"message-id:")),
                    None)
-        if mid is None:
+        if mid is None and not partial:
             self.message_id = make_msgid(domain=self._hostname)
             extra += b"Message-ID: " + self.message_id.encode("ascii") + b"\r\n"
-        else:
+        elif mid is not None:
             self.message_id = mid.split(b":", 1)[1].strip().decode("utf-8", "replace")[:998]
-        if not any(ln.startswith(b"date:") for ln in lines):
+        if not partial and not any(ln.startswith(b"date:") for ln in lines):
             extra += b"Date: " + formatdate(localtime=False, usegmt=True).encode("ascii") + b"\r\n"
         self._writer.write(self._received + extra + held)
 
@@ -276,7 +284,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._auth_state: tuple[str, list[str]] | None = None
         self._tls = False
         self._handshake_done = False
+        self._busy_since = 0.0  # set when connected (and at each asynchronous command)
         self._errors = 0
+        self._junk = 0
         self._auth_refusals = 0
         self._bdat_remaining = 0
         self._bdat_last = False
@@ -298,6 +308,11 @@ class SMTPServerProtocol(smtp.ESMTP):
     def listener(self) -> Any:
         return self.factory.listener
 
+    @property
+    def closed(self) -> bool:
+        """Closed or being closed: nothing more will be said in this session."""
+        return self._closing
+
     def connectionMade(self) -> None:
         if type(self.transport) is tcp.Server:
             # 256 KiB per recv(2) instead of Twisted's 64 KiB: a quarter of the reactor turns
@@ -318,6 +333,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                       peer=self.peer_ip, event="session_started")
         if self._tls:
             self._arm_handshake_timer()
+        self._busy_since = self.clock.seconds()
         self._arm_idle_timer()
         # Until the greeting is out, input is only buffered: that is how a client that talks
         # first (pre-greeting, like Postfix's postscreen test) is recognised.
@@ -342,6 +358,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._send(R(220, "", f"{self.factory.hostname} {self.listener.serviceName} "
                               "kotlin-smtp-py ready"))
         self._busy = False
+        self._restart_idle_timer()
         self._process()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -363,12 +380,29 @@ class SMTPServerProtocol(smtp.ESMTP):
                  peer=self.peer_ip, duration_ms=int((time.monotonic() - self._started) * 1000),
                  event="session_ended")
 
+    def _restart_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.listener.idleTimeoutSeconds)
+        else:
+            self._arm_idle_timer()
+
     def _arm_idle_timer(self) -> None:
         seconds = self.listener.idleTimeoutSeconds
         if seconds > 0:
             self._idle_call = self.clock.callLater(seconds, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
+        seconds = self.listener.idleTimeoutSeconds
+        if self._busy and not self._closing and \
+                self.clock.seconds() - self._busy_since < max(BUSY_LIMIT_SECONDS, seconds):
+            # The client is waiting for us (a commit, a policy or password check, the
+            # greeting): its idle time has not begun, and a 421 now, with the message stored
+            # anyway, would make it send the message again (RFC 5321 §4.5.3.2.7 times the
+            # client, not the server). Checked again later; _async_done starts a fresh period
+            # after our reply. Only a step stuck for 10 minutes (the client's own DATA
+            # timeout) ends the session here.
+            self._idle_call = self.clock.callLater(seconds, self._idle_timeout)
+            return
         log.info("session {session} idle timeout", session=self.session_id, peer=self.peer_ip)
         self._send(R(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
         self._close()
@@ -539,6 +573,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             result = R(451, "4.3.0", "Internal error, try again later")
         if isinstance(result, defer.Deferred):
             self._busy = True
+            self._busy_since = self.clock.seconds()
             result.addErrback(self._internal_error)
             result.addCallback(self._async_done)
         elif result is not None:
@@ -553,6 +588,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._busy = False
         if self._closing:
             return
+        self._restart_idle_timer()
         if reply is not None:
             self._reply(reply)
         self._process()
@@ -660,7 +696,13 @@ class SMTPServerProtocol(smtp.ESMTP):
         ext.append("HELP")
         return R(250, "", "\n".join([greeting, *ext]))
 
+    def _count_junk(self) -> None:
+        self._junk += 1
+        if self._junk > JUNK_LIMIT:
+            self._errors += 1  # _reply closes the session at MAX_ERRORS
+
     def do_NOOP(self, arg: str) -> SmtpReply:
+        self._count_junk()
         return R(250, "2.0.0", "Ok")
 
     def do_HELP(self, arg: str) -> SmtpReply:
@@ -668,6 +710,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                                "STARTTLS AUTH VRFY EXPN ETRN")
 
     def do_RSET(self, arg: str) -> SmtpReply:
+        self._count_junk()
         self._abort_tx()
         return OK_RESET
 
@@ -676,14 +719,17 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._close()
 
     def do_VRFY(self, arg: str) -> SmtpReply:
+        self._count_junk()
         hook = self.factory.vrfy
         return hook(self, arg) if hook is not None else R(502, "5.5.1", "VRFY not supported")
 
     def do_EXPN(self, arg: str) -> SmtpReply:
+        self._count_junk()
         hook = self.factory.expn
         return hook(self, arg) if hook is not None else R(502, "5.5.1", "EXPN not supported")
 
     def do_ETRN(self, arg: str) -> Any:
+        self._count_junk()
         hook = self.factory.etrn
         if hook is None:
             return R(502, "5.5.1", "ETRN not supported")
@@ -1036,6 +1082,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                      message_id=envelope.message_id, session=self.session_id, peer=self.peer_ip,
                      event="message_accepted")
             self.factory.message_accepted(self, entry)
+            self._junk = 0  # as Postfix: the junk count starts again after a delivery
             self._after_transaction()
             return R(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
