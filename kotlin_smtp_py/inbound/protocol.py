@@ -275,7 +275,9 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._processing = False
         self._discarding_line = False
         self._closing = False
-        self._paused = False
+        self._paused = False  # reading from the transport is paused
+        self._out_blocked = False  # the transport's output is backed up (it paused us)
+        self._producing = False  # registered as the transport's producer
         self._out: list[bytes] = []
         self._helo_name: str | None = None
         self._esmtp = False
@@ -335,6 +337,10 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._arm_handshake_timer()
         self._busy_since = self.clock.seconds()
         self._arm_idle_timer()
+        # Output back-pressure: the transport pauses us when replies back up (a client that
+        # pipelines and never reads), and we stop reading and processing until they drain.
+        self.transport.registerProducer(self, True)
+        self._producing = True
         # Until the greeting is out, input is only buffered: that is how a client that talks
         # first (pre-greeting, like Postfix's postscreen test) is recognised.
         self._busy = True
@@ -427,6 +433,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._flush()
         self._closing = True
         self._mode = "closed"
+        self._unregister_producer()  # a paused producer would hold the close back
         self.transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.clock.callLater(ABORT_GRACE_SECONDS, self._abort_if_open)
@@ -451,6 +458,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._mode = "closed"
         # self._tls: an implicit-TLS transport does not answer to ``TLS`` (its wrapper passes
         # the lookup on to the TCP transport), and aborting it would drop the queued 421.
+        self._unregister_producer()
         if self._tls or getattr(t, "TLS", False):
             t.loseConnection()
         else:
@@ -468,6 +476,39 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     # -- input ---------------------------------------------------------------------------------
 
+    # IPushProducer, for the transport: its output buffer is over its bound / drained.
+    def pauseProducing(self) -> None:
+        self._out_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._out_blocked = False
+        if not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._out_blocked = False
+
+    def _unregister_producer(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._out_blocked = False
+            t = self.transport
+            if t is not None and getattr(t, "producer", None) is self:
+                t.unregisterProducer()
+
+    def _update_reading(self) -> None:
+        """Stop reading while much input waits unprocessed: behind a command in progress, or
+        behind replies the client does not read. (Not at once when replies back up: a TLS
+        layer pauses us while its handshake runs, and the handshake needs reading.)"""
+        want_paused = not self._closing and (self._busy or self._out_blocked) and \
+            len(self._buf) > PAUSE_BUFFER
+        if want_paused != self._paused and self.transport is not None:
+            self._paused = want_paused
+            if want_paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
@@ -475,16 +516,16 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._idle_call.reset(self.listener.idleTimeoutSeconds)
         self._buf += data
         self._process()
-        if self._busy and len(self._buf) > PAUSE_BUFFER and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        if (self._busy or self._out_blocked) and len(self._buf) > PAUSE_BUFFER and \
+                not self._paused:
+            self._update_reading()
 
     def _process(self) -> None:
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._busy and not self._closing:
+            while not self._busy and not self._closing and not self._out_blocked:
                 if self._mode == "bdat":
                     if not self._buf and self._bdat_remaining > 0:
                         break
@@ -498,9 +539,8 @@ class SMTPServerProtocol(smtp.ESMTP):
         finally:
             self._processing = False
         self._flush()
-        if self._paused and not self._busy and not self._closing:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self._paused:
+            self._update_reading()
 
     def _next_line(self) -> bool:
         limit = AUTH_LINE_MAX if self._mode == "auth" else self.factory.max_line

@@ -747,17 +747,6 @@ def _server_rx_queue(port: int, peer_port: int) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Unbounded memory, kotlin_smtp_py/inbound/protocol.py:412 dataReceived() / :548 "
-    "_write_now(): the session never registers as a producer with its transport and never "
-    "looks at the transport's write buffer, so a client that pipelines commands and never "
-    "reads the replies makes the server queue every reply in user space "
-    "(tcp.Server._tempDataBuffer) while it keeps reading: an EHLO reply is ~200 bytes, so 2 "
-    "MB of EHLO lines queue 10-15 MB here (~7x; 'EHLO x' would give ~25x), and the idle timer"
-    " never fires because input keeps coming. Fix: stop reading (transport.pauseProducing) "
-    "while the transport's pending output exceeds a bound (e.g. register an IPushProducer via"
-    " transport.registerProducer and pause command processing when pauseProducing is called),"
-    " as the input side already does with PAUSE_BUFFER."))
 def test_a_client_that_never_reads_cannot_make_the_server_buffer_unboundedly(
         make_server: Any) -> None:
     limit = 8 * 1024 * 1024
