@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import re
 import time
 from collections.abc import Callable
@@ -84,6 +85,8 @@ SYNTAX = R(501, "5.5.4", "Syntax error in parameters or arguments")
 UNRECOGNIZED = R(500, "5.5.2", "Command unrecognized")
 LINE_TOO_LONG_REPLY = R(500, "5.5.2", "Line too long")
 STORAGE_FAILED = R(451, "4.3.0", "Requested action aborted: local storage error, try again later")
+NO_STORAGE = R(452, "4.3.1", "Insufficient system storage, try again later")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
 DROP_REPLY = R(421, "4.7.0", "Closing connection")  # identity-compared: close without a reply
 AUTH_LOCKED = R(454, "4.7.0", "Too many authentication failures, try again later")
@@ -1130,6 +1133,11 @@ class SMTPServerProtocol(smtp.ESMTP):
             reply = STORAGE_FAILED
             if getattr(tx.writer, "too_big", False):  # the spool's own limit (Redis maxRawBytes)
                 reply = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            elif isinstance(f.value, OSError) and f.value.errno in _NO_SPACE:
+                # RFC 5321 §4.2.2/§4.3.2: 452 after DATA, "insufficient system storage".
+                reply = NO_STORAGE
+                log.warn("session {session}: spool full: {error}", session=self.session_id,
+                         error=str(f.value), event="spool_error")
             else:
                 log.failure("session {session}: spool commit failed", f,
                             session=self.session_id, event="spool_error")

@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -96,6 +97,7 @@ class FileSpoolWriter:
         self._done = False
         self._hint: tuple[str, tuple[Recipient, ...]] | None = None
         self._spill: _MaildirSpill | None = None
+        self.error: OSError | None = None  # writing the message failed (disk full, I/O)
 
     def expect(self, sender: str, recipients: Any) -> None:
         self._hint = (sender, tuple(recipients))
@@ -107,15 +109,35 @@ class FileSpoolWriter:
     def write(self, data: bytes) -> None:
         if self._done:
             raise RuntimeError("writer already finished")
-        if self._fh is None:
-            self._head += data
-            if len(self._head) > WRITE_BUFFER:
-                self._fh = self._open_spill()
-                self._fh.write(self._head)
-                self._head = bytearray()
-        else:
-            self._fh.write(data)
         self._size += len(data)
+        if self.error is not None:
+            return  # the rest of the message is read and dropped; commit() fails
+        try:
+            if self._fh is None:
+                self._head += data
+                if len(self._head) > WRITE_BUFFER:
+                    self._fh = self._open_spill()
+                    self._fh.write(self._head)
+                    self._head = bytearray()
+            else:
+                self._fh.write(data)
+        except OSError as exc:
+            # A full disk (ENOSPC/EDQUOT) or an I/O error while the message arrives: the
+            # session must answer after the final dot (452/451), not lose its connection.
+            log.warn("spooling {queue_id} failed: {error}", queue_id=self.queue_id,
+                     error=str(exc), event="spool_error")
+            self.error = exc
+            self._drop_spill()
+
+    def _drop_spill(self) -> None:
+        fh, self._fh = self._fh, None
+        self._head = bytearray()
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()  # (a buffered write may fail again here)
+            self._spool.discard_sync_quietly(self._path)
+        if self._spill is not None and self._spill.tmp is not None:
+            self._spool.discard_sync_quietly(self._spill.tmp)
 
     def _open_spill(self) -> Any:
         spool = self._spool
@@ -141,6 +163,8 @@ class FileSpoolWriter:
         if self._done:
             return defer.fail(RuntimeError("writer already finished"))
         self._done = True
+        if self.error is not None:
+            return defer.fail(self.error)
         now = self._spool.clock_time()
         entry = QueueEntry(queue_id=self.queue_id, envelope=envelope, pending=envelope.recipients,
                            next_attempt=now, created=now)
@@ -264,8 +288,16 @@ class FileSpool:
             # queue). Claims still read the file and correct the index if the two disagree.
             os.utime(fd, (entry.next_attempt, entry.next_attempt))
             os.fsync(fd)
-        finally:
             os.close(fd)
+            fd = -1
+        except BaseException:
+            # Not left for the start-up sweep: on a full disk every refused commit or
+            # reschedule would keep one more file of the space it is short of.
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.discard_sync_quietly(tmp)
+            raise
         return tmp
 
     def commit_sync(self, fh: Any, path: str, entry: QueueEntry,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +56,10 @@ from kotlin_smtp_py.config import Config
 from kotlin_smtp_py.envelope import Envelope, is_queue_id, new_queue_id
 from kotlin_smtp_py.interfaces import ISpool, ISpoolWriter
 from kotlin_smtp_py.redisconn import LuaScript, RedisClient, RedisUnavailable
+from kotlin_smtp_py.spool.file import ORPHAN_AGE_SECONDS
 from kotlin_smtp_py.spool.record import Claim, QueueEntry, QueueSummary
 
+CLAIM_COPY_PREFIX = "redis-spool-"  # + <queue id>-<token>.eml in smtp.storage.tempDir
 log = Logger()
 
 CHUNK_BYTES = 256 * 1024
@@ -345,6 +348,7 @@ class RedisSpool:
         self.prefix = key_prefix
         self.temp_dir = os.path.abspath(temp_dir)
         os.makedirs(self.temp_dir, exist_ok=True)
+        self._remove_stale_copies()
         self.lock_ttl = float(lock_ttl_seconds)
         self.max_message_bytes = max_raw_bytes
         self.min_replicas = min_replicas
@@ -466,8 +470,25 @@ class RedisSpool:
     def _ttl_ms(self) -> int:
         return max(1, int(self.lock_ttl * 1000))
 
+    def _remove_stale_copies(self) -> None:
+        """Start-up: the local copies of claimed messages a killed process left behind (only
+        its end of the claim removes one). Only those past ORPHAN_AGE_SECONDS: the copies of
+        other live processes sharing the directory are younger (a claim ends long before)."""
+        cutoff = time.time() - ORPHAN_AGE_SECONDS
+        try:
+            with os.scandir(self.temp_dir) as it:
+                stale = [e.path for e in it if e.name.startswith(CLAIM_COPY_PREFIX)
+                         and e.name.endswith(".eml") and e.stat().st_mtime < cutoff]
+        except OSError:
+            return
+        for path in stale:
+            _unlink_quietly(path)
+        if stale:
+            log.info("removed {n} stale claimed-message copies from {dir}", n=len(stale),
+                     dir=self.temp_dir, event="spool_orphans_removed")
+
     def _write_temp(self, queue_id: str, token: str, message: bytes) -> str:
-        path = os.path.join(self.temp_dir, f"redis-spool-{queue_id}-{token[:8]}.eml")
+        path = os.path.join(self.temp_dir, f"{CLAIM_COPY_PREFIX}{queue_id}-{token[:8]}.eml")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as fh:
