@@ -515,7 +515,11 @@ class SMTPServerProtocol(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_call is not None and self._idle_call.active():
+        # Message data resets the idle timer as it flows; a command only once a whole line is
+        # in, so a client dribbling bytes cannot hold a session for ever without completing
+        # one (a bounded time per command line, like Postfix's smtpd_per_request_deadline).
+        if self._idle_call is not None and self._idle_call.active() and (
+                self._mode in ("data", "bdat") or b"\n" in data):
             self._idle_call.reset(self.listener.idleTimeoutSeconds)
         self._buf += data
         self._process()

@@ -703,14 +703,6 @@ def test_the_idle_timer_does_not_fire_while_the_server_commits(make_server: Any)
     assert code == 250, f"{code} {lines}: the message was stored, a retry would duplicate it"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Hardening gap (slowloris), kotlin_smtp_py/inbound/protocol.py:412-416 dataReceived(): "
-    "the idle timer is reset by every received byte and there is no per-command or per-"
-    "session deadline, so a client that sends one byte per (idleTimeoutSeconds - e) keeps a "
-    "session and a connection slot forever without ever completing a command. Postfix: "
-    "smtpd_per_request_deadline (on under stress) bounds the time to receive a complete "
-    "command line. Fix: arm a command deadline when a line starts (e.g. the idle timeout) and"
-    " reset the idle timer only when a complete command/chunk was received."))
 def test_a_client_dribbling_one_byte_at_a_time_is_cut_off(make_server: Any) -> None:
     srv = make_server({"smtp": {"listeners": [{**LISTENER, "idleTimeoutSeconds": 1}]}})
     c = Client(srv.port, timeout=15)
