@@ -2,7 +2,8 @@
 
 ``queue`` works on the spool the config selects (like ``mailq``/``postqueue``/``postsuper``);
 a running server sharing the spool picks up ``flush``/``retry`` requests within a second.
-Exit codes: 0 ok, 1 not found / failed, 2 usage or config error, 75 temporarily unavailable.
+Exit codes: 0 ok, 1 not found / failed, 2 usage or config error (also: a spool directory that
+does not exist, Redis refusing the credentials), 75 temporarily unavailable.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ EX_TEMPFAIL = 75
 DEFAULT_CONFIG = os.environ.get("KOTLIN_SMTP_CONFIG", "/etc/kotlin-smtp/config.yaml")
 
 
-def _load(path: str) -> cfg.Config:
+def _load(path: str, create_dirs: bool = True) -> cfg.Config:
     try:
-        return cfg.load(path)
+        return cfg.load(path, create_dirs=create_dirs)
     except cfg.ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -80,15 +81,23 @@ async def _open_spool(config: cfg.Config) -> Any:
 
 async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
     from kotlin_smtp_py.interfaces import BackendUnavailable
+    from kotlin_smtp_py.redisconn import RedisAuthRefused
 
     try:
         spool = await _open_spool(config)
-    except BackendUnavailable as exc:  # Redis down: try again later, as the exit code says
+    except RedisAuthRefused as exc:  # no retry fixes that: a config error
+        print(f"spool unavailable: {exc} (check smtp.redis.password / the URL's credentials)",
+              file=sys.stderr)
+        return 2
+    except (BackendUnavailable, OSError) as exc:  # Redis down, a damaged spool directory
         print(f"spool unavailable: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
         return await _queue_action(args, config, spool)
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `queue list | head`: the reader has enough
+            _stdout_gone()
+            return 1
         print(f"spool unavailable: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     finally:
@@ -100,6 +109,19 @@ async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
             await client.close()
 
 
+def _stdout_gone() -> None:
+    """stdout's reader went away: point it at /dev/null so that the flush at exit is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped: addresses and remote replies are other people's text,
+    and must not move an operator's cursor or forge lines in a terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any) -> int:
     from kotlin_smtp_py.envelope import is_queue_id
 
@@ -107,12 +129,13 @@ async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any
     if action == "list":
         entries = await spool.list_entries()
         for e in entries:
-            print(f"{e.queue_id}  {e.size:>9}  {_fmt_time(e.created)}  <{e.sender}>  "
+            print(f"{e.queue_id}  {e.size:>9}  {_fmt_time(e.created)}  "
+                  f"<{_printable(e.sender)}>  "
                   f"attempts={e.attempts} next={_fmt_time(e.next_attempt)}")
             for rcpt in e.recipients:
-                print(f"{'':24}{rcpt}")
+                print(f"{'':24}{_printable(rcpt)}")
             if e.last_error:
-                print(f"{'':24}({e.last_error})")
+                print(f"{'':24}({_printable(e.last_error)})")
         print(f"-- {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in queue")
         return 0
     if action == "show":
@@ -169,7 +192,9 @@ async def _queue_action(args: argparse.Namespace, config: cfg.Config, spool: Any
 def cmd_queue(args: argparse.Namespace) -> int:
     from twisted.internet import defer, task
 
-    config = _load(args.config)
+    # Open an existing spool only: a typo or an unmounted volume must not look like an
+    # empty queue (nor leave new directories behind).
+    config = _load(args.config, create_dirs=False)
     if args.action in ("show", "delete", "retry") and not args.id:
         print(f"queue {args.action} needs a queue id", file=sys.stderr)
         return 2

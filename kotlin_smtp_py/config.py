@@ -535,8 +535,11 @@ def _expand_dotted(data: dict[Any, Any], fields: dict[str, Any]) -> dict[str, An
     return out
 
 
-def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
-    """Parse YAML text into a validated :class:`Config` or raise :class:`ConfigError`."""
+def load_text(text: str, env: typing.Mapping[str, str] | None = None,
+              create_dirs: bool = True) -> Config:
+    """Parse YAML text into a validated :class:`Config` or raise :class:`ConfigError`.
+    ``create_dirs``: create missing storage/spool directories (the server's start-up); the
+    operator commands only check that they exist."""
     problems: list[str] = []
     try:
         raw = yaml.safe_load(text) if text.strip() else {}
@@ -546,7 +549,7 @@ def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
     config = _build(Config, raw, "", problems)
     if not problems:
         try:
-            problems.extend(validate(config))
+            problems.extend(validate(config, create_dirs=create_dirs))
         except (TypeError, ValueError, AttributeError) as exc:  # a check we got wrong:
             # still a clear answer and exit code, not a traceback
             problems.append(f"the configuration could not be checked ({exc}); "
@@ -556,7 +559,8 @@ def load_text(text: str, env: typing.Mapping[str, str] | None = None) -> Config:
     return config
 
 
-def load(path: str, env: typing.Mapping[str, str] | None = None) -> Config:
+def load(path: str, env: typing.Mapping[str, str] | None = None,
+         create_dirs: bool = True) -> Config:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -564,16 +568,20 @@ def load(path: str, env: typing.Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"config file {path} is not UTF-8 text (byte {exc.start})"]) from None
-    return load_text(text, env)
+    return load_text(text, env, create_dirs=create_dirs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 
 
-def _writable_dir(path: str, key: str, problems: list[str]) -> None:
+def _writable_dir(path: str, key: str, problems: list[str], create: bool = True) -> None:
     if not path:
         problems.append(f"{key}: must be set")
+        return
+    if not create:
+        if not os.path.isdir(path):
+            problems.append(f"{key}: directory {path} does not exist")
         return
     try:
         os.makedirs(path, exist_ok=True)
@@ -599,7 +607,7 @@ def is_bcrypt_hash(value: str) -> bool:
     return bool(re.match(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$", value))
 
 
-def validate(config: Config) -> list[str]:
+def validate(config: Config, create_dirs: bool = True) -> list[str]:
     """Semantic checks; returns the problems found (empty when the config can start)."""
     p: list[str] = []
     s = config.smtp
@@ -618,12 +626,12 @@ def validate(config: Config) -> list[str]:
         if domain and not domain.isascii() and \
                 canonical_domain(domain) == domain.strip().lower().rstrip("."):
             p.append(f"{key}: {domain!r} is not a valid internationalised domain name")
-    _writable_dir(s.storage.mailboxDir, "smtp.storage.mailboxDir", p)
-    _writable_dir(s.storage.tempDir, "smtp.storage.tempDir", p)
-    _writable_dir(s.storage.listsDir, "smtp.storage.listsDir", p)
+    _writable_dir(s.storage.mailboxDir, "smtp.storage.mailboxDir", p, create_dirs)
+    _writable_dir(s.storage.tempDir, "smtp.storage.tempDir", p, create_dirs)
+    _writable_dir(s.storage.listsDir, "smtp.storage.listsDir", p, create_dirs)
     _check_choice(s.spool.type, ("auto", "file", "redis"), "smtp.spool.type", p)
     if spool_backend(config) == "file":
-        _writable_dir(s.spool.dir, "smtp.spool.dir", p)
+        _writable_dir(s.spool.dir, "smtp.spool.dir", p, create_dirs)
     if s.spool.type == "redis" and s.redis is None:
         p.append("smtp.spool.type: 'redis' requires an smtp.redis section")
     for key, value in (("smtp.limits.maxMessageSizeBytes", s.limits.maxMessageSizeBytes),

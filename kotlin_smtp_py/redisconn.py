@@ -57,6 +57,15 @@ class RedisUnavailable(BackendUnavailable):
     """Redis cannot be reached right now (not connected, connection lost, or deadline passed)."""
 
 
+class RedisAuthRefused(RedisUnavailable):
+    """Redis refused our credentials (WRONGPASS/NOAUTH): a configuration error, not an
+    outage (a server keeps retrying either way; a one-shot command should not)."""
+
+
+def _auth_refused(text: str) -> bool:
+    return "WRONGPASS" in text or "NOAUTH" in text
+
+
 @dataclass(frozen=True)
 class RedisTarget:
     """Where and how to connect, parsed from :class:`RedisConfig`."""
@@ -444,6 +453,11 @@ async def connect(config: RedisConfig, clock: IReactorTime | None = None) -> Red
     client = RedisClient.from_config(config, clock)
     try:
         await client.wait_ready(max(config.connectTimeoutMs, 1) / 1000.0)
+    except RedisUnavailable as exc:
+        await client.close()
+        if _auth_refused(str(exc)):
+            raise RedisAuthRefused(str(exc)) from None
+        raise
     except BaseException:
         await client.close()
         raise

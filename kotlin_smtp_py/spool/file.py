@@ -228,6 +228,14 @@ class FileSpool:
         self.request_dir = os.path.join(self.directory, "requests")
         for d in (self.tmp_dir, self.queue_dir, self.corrupt_dir, self.request_dir):
             os.makedirs(d, exist_ok=True)
+        # Root (an operator's `sudo kotlin-smtp queue retry`) working on a spool that belongs
+        # to the service user: the files it writes get the queue directory's owner, or the
+        # server could no longer read the entries it rewrote.
+        self._owner: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            st = os.stat(self.queue_dir)
+            if st.st_uid != 0:
+                self._owner = (st.st_uid, st.st_gid)
         self._reactor: Any = reactor
         self.clock: Any = clock if clock is not None else reactor
         self.scan_interval = scan_interval
@@ -282,6 +290,8 @@ class FileSpool:
         tmp = os.path.join(self.tmp_dir, f"{entry.queue_id}.{unique_hex(4)}.json")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
+            if self._owner is not None:
+                os.fchown(fd, *self._owner)
             write_all(fd, entry.to_json_bytes())  # a short write (disk full) must not pass
             # The envelope's mtime is its next attempt, so a scan learns when every entry is
             # due from a stat instead of reading and parsing each file (start-up with a large
@@ -778,18 +788,19 @@ class FileSpool:
         name = "flush" if queue_id is None else f"retry-{queue_id}"
         if queue_id is not None and not is_queue_id(queue_id):
             raise ValueError(f"not a queue id: {queue_id!r}")
-        path = os.path.join(self.request_dir, name)
-        with open(path, "a"):
-            pass
+        self._touch(os.path.join(self.request_dir, name))
+
+    def _touch(self, path: str) -> None:
+        with open(path, "a") as fh:
+            if self._owner is not None:
+                os.fchown(fh.fileno(), *self._owner)
         os.utime(path)
 
     def note_trigger(self) -> None:
         """A trigger (ETRN) ran now: ``queue flush`` honours its cooldown too."""
         path = os.path.join(self.request_dir, "flush.done")
         try:
-            with open(path, "a"):
-                pass
-            os.utime(path)
+            self._touch(path)
         except OSError as exc:  # a missing mark only shortens one cooldown
             log.warn("cannot mark the trigger time in {path}: {error}", path=path,
                      error=str(exc))

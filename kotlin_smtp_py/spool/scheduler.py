@@ -71,6 +71,12 @@ def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
              event="delivery_attempt", **extra)
 
 
+def _one_line(text: str) -> str:
+    """A remote reply kept as ``last_error``: control characters (ESC, a bare CR) become
+    spaces, so that what `queue list` and the logs show is what was said."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 def log_finished(entry: QueueEntry, outcome: str) -> None:
     log.info("finished {queue_id}: {outcome}", queue_id=entry.queue_id, outcome=outcome,
              event="entry_finished")
@@ -346,7 +352,8 @@ class Scheduler:
         remaining = tuple(r for r, _ in retry)
         notified = tuple(sorted({*entry.delayed_notified, *(r.address for r, _ in retry)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
-                               last_error=retry[0][1].text[:500], delayed_notified=notified,
+                               last_error=_one_line(retry[0][1].text)[:500],
+                               delayed_notified=notified,
                                delivered_before=entry.delivered_before or bool(delivered),
                                bounced_before=entry.bounced_before or bool(failed))
         await self.spool.reschedule(claim, updated)
