@@ -8,7 +8,7 @@ local members are written directly, remote members are resubmitted to the spool 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -34,6 +34,21 @@ def maildir_prefix(sender: str, recipient: str) -> bytes:
             + b"Delivered-To: " + recipient.encode("utf-8") + b"\r\n")
 
 
+
+@dataclass(frozen=True)
+class ListProblem:
+    """A list member that reaches nobody: an unknown local user, or a list nested deeper
+    than MAX_LIST_DEPTH."""
+
+    address: str
+    too_deep: bool
+
+    @property
+    def text(self) -> str:
+        why = f"lists nested deeper than {MAX_LIST_DEPTH}" if self.too_deep \
+            else "no such user here"
+        return f"{self.address}: {why}"
+
 @implementer(IDelivery)
 class LocalDelivery:
     """Delivers to ``mailboxDir/<user>/Maildir`` and expands ``listsDir/<list>`` files."""
@@ -51,12 +66,12 @@ class LocalDelivery:
         local, remote, _ = self.expand_checked(address)
         return local, remote
 
-    def expand_checked(self, address: str) -> tuple[list[str], list[str], list[str]]:
+    def expand_checked(self, address: str) -> tuple[list[str], list[str], list[ListProblem]]:
         """Like :meth:`expand`, plus the list members that reach nobody (unknown local
-        users, lists nested deeper than MAX_LIST_DEPTH), as text for logs and notices."""
+        users, lists nested deeper than MAX_LIST_DEPTH)."""
         local: list[str] = []
         remote: list[str] = []
-        problems: list[str] = []
+        problems: list[ListProblem] = []
         seen: set[str] = set()
 
         def visit(addr: str, depth: int) -> None:
@@ -73,7 +88,7 @@ class LocalDelivery:
             name = self.directory.resolve(parsed.local)
             if name is None:
                 if depth > 0:
-                    problems.append(f"{addr}: no such user here")
+                    problems.append(ListProblem(addr, too_deep=False))
                 return
             if name in seen:
                 return
@@ -83,7 +98,7 @@ class LocalDelivery:
                 for member in read_list(list_path):
                     visit(member, depth + 1)
             elif list_path is not None:
-                problems.append(f"{addr}: lists nested deeper than {MAX_LIST_DEPTH}")
+                problems.append(ListProblem(addr, too_deep=True))
             else:
                 local.append(name)
 
@@ -101,7 +116,8 @@ class LocalDelivery:
         local, remote, problems = self.expand_checked(rcpt.address)
         for problem in problems:
             log.warn("list {recipient} of {queue_id}: member {problem}", recipient=rcpt.address,
-                     queue_id=entry.queue_id, problem=problem, event="list_member_unreachable")
+                     queue_id=entry.queue_id, problem=problem.text,
+                     event="list_member_unreachable")
         if not local and not remote:
             if self.directory.resolve(rcpt.address.rpartition("@")[0]) is None:
                 return DeliveryStatus.permanent_failure(
@@ -109,9 +125,10 @@ class LocalDelivery:
             if problems:
                 # Like Postfix's bounce of an alias whose members all fail: the sender learns
                 # the list reached nobody (5.4.6 for a nesting loop or depth, RFC 3463).
-                deep = any("nested" in p for p in problems)
+                deep = any(p.too_deep for p in problems)
                 return DeliveryStatus.permanent_failure(
-                    Reason.RECIPIENT, "list reaches no one: " + "; ".join(problems[:5]),
+                    Reason.RECIPIENT,
+                    "list reaches no one: " + "; ".join(p.text for p in problems[:5]),
                     "5.4.6" if deep else "5.1.1"), []
             return replace(DeliveryStatus.delivered("list has no members"),
                            success_action="expanded"), []
