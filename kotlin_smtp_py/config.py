@@ -700,10 +700,14 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
         p.append("smtp.relay: relay is open to anyone (requireAuthForRelay=false and no "
                  "allowedClientCidrs/allowedSenderDomains) and failOnOpenRelay=true")
     tls = s.relay.outboundTls
-    if tls.failOnTrustAll and (tls.trustAll or any(
-            r.trustAll for r in [*s.relay.routes, *([s.relay.defaultRoute] if s.relay.defaultRoute
-                                                   else [])])):
+    routes = [*s.relay.routes, *([s.relay.defaultRoute] if s.relay.defaultRoute else [])]
+    if tls.failOnTrustAll and (tls.trustAll or any(r.trustAll for r in routes)):
         p.append("smtp.relay.outboundTls.trustAll: trustAll is set but failOnTrustAll=true")
+    # trustHosts: ["*"] trusts every certificate exactly as trustAll does.
+    if tls.failOnTrustAll and any(h.strip() == "*" for h in [
+            *tls.trustHosts, *(h for r in routes for h in (r.trustHosts or []))]):
+        p.append("smtp.relay.outboundTls.trustHosts: '*' trusts every certificate (as "
+                 "trustAll) but failOnTrustAll=true")
     _check_choice(config.logging.format, ("text", "json"), "logging.format", p)
     _check_choice(config.logging.level.lower(), ("debug", "info", "warn", "warning", "error"),
                   "logging.level", p)

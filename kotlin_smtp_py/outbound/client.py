@@ -35,7 +35,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kotlin_smtp_py.envelope import Recipient
-from kotlin_smtp_py.outbound.tlscheck import InspectingCreator, TlsRequirements, check_peer
+from kotlin_smtp_py.outbound.tlscheck import (
+    InspectingCreator,
+    TlsRequirements,
+    check_peer,
+    hop_verdict,
+)
 from kotlin_smtp_py.outbound.tlspolicy import TlsPolicy
 from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
 
@@ -630,6 +635,16 @@ class ClientSession:
                 log.info("TLS policy failure with {remote} (not enforced): {kind} {detail}",
                          remote=self.target.name, kind=verdict.result_type,
                          detail=verdict.detail)
+            if not (req.enforce or req.requiretls or req.dane):
+                # Observing (MTA-STS testing, TLS-RPT) accepted any certificate in the
+                # handshake; the hop's own settings still decide, as without a policy.
+                own = hop_verdict(self.tls, inspecting, self.target.name)
+                if own.result_type is not None:
+                    self.tls_result = self.tls_result or own.result_type
+                    self.tls_detail = self.tls_detail or own.detail
+                    raise self._fail(Reason.TLS, f"TLS with {self.target.name} failed: "
+                                     f"{own.detail}"[:300], "4.7.5",
+                                     diagnostic=f"x-tls; {own.detail}"[:300])
         if req is not None and req.requiretls and "REQUIRETLS" not in self.extensions:
             raise self._policy_fail("validation-failure",
                                     f"{self.target.name} does not advertise REQUIRETLS")

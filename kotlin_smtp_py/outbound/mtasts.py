@@ -101,9 +101,14 @@ class PolicyLookup:
         return self.cached.policy if self.cached is not None else None
 
 
+_TXT_VERSION = re.compile(r"v=STSv1[ \t]*;")
+_MAX_AGE = re.compile(r"[0-9]{1,10}")
+
 def parse_txt(records: list[str]) -> str | None:
     """The policy id of the single ``v=STSv1`` record, or None (none, several, or malformed)."""
-    ours = [r for r in records if r.strip().startswith("v=STSv1")]
+    # §3.1: records that do not begin with "v=STSv1;" are discarded before counting (a
+    # "v=STSv10" or " v=STSv1" beside the real one must not make it "several").
+    ours = [r for r in records if _TXT_VERSION.match(r)]
     if len(ours) != 1:
         return None
     fields: dict[str, str] = {}
@@ -139,7 +144,7 @@ def parse_policy(text: str) -> StsPolicy:
     if mode not in ("enforce", "testing", "none"):
         raise PolicyError(f"invalid mode {mode!r}")
     age = fields.get("max_age", "")
-    if not age.isdigit() or len(age) > 10:
+    if not _MAX_AGE.fullmatch(age):  # 1*10DIGIT, ASCII ("²".isdigit() is True)
         raise PolicyError(f"invalid max_age {age!r}")
     if mode != "none" and not mx:
         raise PolicyError("no mx patterns")

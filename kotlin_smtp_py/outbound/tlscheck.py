@@ -17,12 +17,16 @@ Result types are RFC 8460's (``certificate-host-mismatch``, ``certificate-expire
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
-from service_identity.cryptography import verify_certificate_hostname
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
@@ -90,8 +94,6 @@ class InspectingCreator:
 
 
 def _is_ip(name: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -118,12 +120,33 @@ def pkix_verdict(creator: InspectingCreator, names: tuple[str, ...]) -> PeerVerd
                                  f"(X509 error {errno})")
     for name in names:
         try:
-            verify_certificate_hostname(chain[0].to_cryptography(), name)
+            bare = name.strip("[]")
+            if _is_ip(bare):  # a smart host given by address: its certificate's IP SAN
+                verify_certificate_ip_address(chain[0].to_cryptography(), bare)
+            else:
+                verify_certificate_hostname(chain[0].to_cryptography(), name)
             return PeerVerdict(None, authenticated=True)
         except (VerificationError, ValueError):
             continue
     return PeerVerdict("certificate-host-mismatch",
                        f"certificate does not name {' or '.join(names)}")
+
+
+def hop_verdict(tls: Any, creator: InspectingCreator, host: str) -> PeerVerdict:
+    """What the hop's own ``outboundTls`` settings (``tlspolicy.TlsPolicy``) say of the peer,
+    as their ``client_creator`` would have decided in the handshake: requirements that only
+    observe (MTA-STS testing, TLS-RPT) must not accept more than no policy does."""
+    if tls.trusts_blindly(host):
+        return PeerVerdict(None)
+    if tls.check_server_identity:
+        return pkix_verdict(creator, (host,))
+    if not creator.chain():
+        return PeerVerdict("validation-failure", "no peer certificate")
+    if creator.pkix_errors:
+        depth, errno = creator.pkix_errors[0]
+        return PeerVerdict("certificate-not-trusted", "certificate verification failed at "
+                                                      f"depth {depth} (X509 error {errno})")
+    return PeerVerdict(None)
 
 
 def check_peer(req: TlsRequirements, creator: InspectingCreator, host: str) -> PeerVerdict:

@@ -158,8 +158,13 @@ class OutboundTlsPolicies:
                          name=lk.name, host=t.name)
                 return f"DANE: TLSA lookup for {t.name} failed"
             if lk.secure and lk.records:
+                # Only PKIX-TA/PKIX-EE records (unusable for SMTP, RFC 7672 §3.1.3): TLS
+                # without authentication, except that REQUIRETLS needs an authenticated peer
+                # (RFC 8689 §5.1), then by PKIX.
+                pkix = (t.name,) if requiretls and not lk.usable else ()
                 req = TlsRequirements(require_tls=True, dane=lk.usable, requiretls=requiretls,
-                                      ca_file=ca, policy_type="tlsa", policy_domain=domain)
+                                      pkix_names=pkix, ca_file=ca, policy_type="tlsa",
+                                      policy_domain=domain)
                 report = ReportPolicy("tlsa", domain, tuple(r.text() for r in lk.records),
                                       (t.name,))
                 return PlannedTarget(t, hop.tls, req, report)

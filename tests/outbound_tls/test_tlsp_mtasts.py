@@ -21,10 +21,10 @@ from kotlin_smtp_py.status import Reason
 MSG = b"Subject: sts\r\n\r\nhello\r\n"
 
 
-def _config(policy_dns, sinks, certs, tmp_path, sts_web, **extra):
+def _config(policy_dns, sinks, certs, tmp_path, sts_web, tls=None, **extra):
     policy = {"mtaSts": {"enabled": True}, **extra}
     return policy_config(policy_dns.plain_port, sinks.port, certs, tmp_path / "spool", policy,
-                         web_port=sts_web.port)
+                         web_port=sts_web.port, tls=tls)
 
 
 def test_enforce_matching_mx_valid_cert_is_delivered(policy_dns, sinks, policy_certs, sts_web,
@@ -85,8 +85,10 @@ def test_testing_mode_delivers_and_records_the_failure(policy_dns, sinks, policy
     announce(policy_dns, domain, "t1")
     sink = sinks.start(behaviour=Behaviour(
         tls=server_tls(str(policy_certs.wrong_cert), str(policy_certs.wrong_key))))
+    # Testing mode delivers "as usual": here the hop's own settings accept a certificate for
+    # another name (checkServerIdentity off); the policy failure is only recorded.
     config = _config(policy_dns, sinks, policy_certs, tmp_path, sts_web,
-                     tlsRpt={"enabled": True})
+                     tls={"checkServerIdentity": False}, tlsRpt={"enabled": True})
     relay = make_relay(config)
     entry, path = make_entry(tmp_path, [f"a@{domain}"], MSG)
     [(_, status)] = relay_attempt(relay, entry, path)
