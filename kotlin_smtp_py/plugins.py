@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
+from zope.interface.interface import Method
 
 from kotlin_smtp_py.status import SmtpReply
 
@@ -70,6 +73,7 @@ class Decision:
 PROCEED = Decision("proceed")
 DROP = Decision("drop")
 INTERCEPTOR_FAILED = SmtpReply(451, "4.3.0", "Requested action aborted: try again later")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 class ICommandInterceptor(Interface):
@@ -119,13 +123,25 @@ def load_plugin(spec: str, interface: Any, config: Any = None) -> Any:
         raise ValueError(f"{spec!r} is not a dotted path")
     obj = getattr(importlib.import_module(module_name), attr)
     if isinstance(obj, type):
-        try:
-            obj = obj(config)
-        except TypeError:
-            obj = obj()
+        # Given the config if the constructor takes an argument; a TypeError raised inside
+        # the constructor is the plugin's own error, not a sign to call it differently.
+        obj = obj(config) if _takes_argument(obj) else obj()
     if not interface.providedBy(obj):
         raise TypeError(f"{spec} does not provide {interface.__name__}")
+    for name in interface.names(all=True):
+        # Declared is not implemented: a missing method would fail on every call instead.
+        if isinstance(interface[name], Method) and not callable(getattr(obj, name, None)):
+            raise TypeError(f"{spec} declares {interface.__name__} but has no {name}()")
     return obj
+
+
+def _takes_argument(cls: type) -> bool:
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in params)
 
 
 class InterceptorChain:
@@ -148,12 +164,55 @@ class InterceptorChain:
                 log.failure("command interceptor {name} failed at {stage}",
                             name=type(interceptor).__name__, stage=context.stage.value)
                 return INTERCEPTOR_FAILED
-            if not isinstance(decision, Decision) or decision.action == "proceed":
+            if decision is None or decision is PROCEED:
+                continue
+            if not isinstance(decision, Decision) or \
+                    decision.action not in ("proceed", "deny", "drop"):
+                # Fails closed: a string "deny" or a code is not "go ahead".
+                log.error("command interceptor {name} answered {answer!r} at {stage}, not a "
+                          "Decision", name=type(interceptor).__name__,
+                          answer=_describe(decision), stage=context.stage.value,
+                          event="plugin_error")
+                return INTERCEPTOR_FAILED
+            if decision.action == "proceed":
                 continue
             if decision.action == "drop":
                 return DROP
-            return decision.reply or INTERCEPTOR_FAILED
+            reply = _checked_reply(decision.reply)
+            if reply is None:
+                log.error("command interceptor {name} denied with an invalid reply {reply!r} "
+                          "at {stage}", name=type(interceptor).__name__,
+                          reply=_describe(decision.reply), stage=context.stage.value,
+                          event="plugin_error")
+                return INTERCEPTOR_FAILED
+            return reply
         return None
+
+
+def _describe(value: Any) -> str:
+    return repr(value)[:100]
+
+
+def _checked_reply(reply: Any) -> SmtpReply | None:
+    """A plugin's refusal as we may send it: a 4xx/5xx code (a 2xx "refusal" would tell the
+    client the command worked, and the recipient would silently get nothing), an enhanced
+    code of the same class (or none), and text without control characters (a CR or LF in
+    it would inject reply lines)."""
+    if not isinstance(reply, SmtpReply) or type(reply.code) is not int or \
+            not 400 <= reply.code <= 599 or not isinstance(reply.text, str) or \
+            not isinstance(reply.enhanced, str):
+        return None
+    enhanced = reply.enhanced
+    if enhanced and not (_ENHANCED.fullmatch(enhanced) and enhanced[0] == str(reply.code)[0]):
+        enhanced = ""
+    text = "".join(c if c.isprintable() else " " for c in reply.text)[:500]
+    if (enhanced, text) == (reply.enhanced, reply.text):
+        return reply
+    return SmtpReply(reply.code, enhanced, text)
+
+
+def _call_on_event(hook: Any, event: Event) -> Any:
+    return hook.on_event(event)  # (looked up inside maybeDeferred: a missing one is an error)
 
 
 class EventHooks:
@@ -164,7 +223,7 @@ class EventHooks:
 
     def _emit(self, event: Event) -> None:
         for hook in self.hooks:
-            d = defer.maybeDeferred(hook.on_event, event)
+            d: defer.Deferred[Any] = defer.maybeDeferred(_call_on_event, hook, event)
             d.addErrback(self._failed, type(hook).__name__, event.kind)
 
     @staticmethod

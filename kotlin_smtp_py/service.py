@@ -21,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kotlin_smtp_py.config import Config, spool_backend
+from kotlin_smtp_py.config import Config, ConfigError, spool_backend
 from kotlin_smtp_py.diskio import DiskIO
 from kotlin_smtp_py.envelope import Address
 from kotlin_smtp_py.inbound.auth import UserTableChecker
@@ -209,6 +209,15 @@ class TriggerGate:
         return True
 
 
+def _plugin(key: str, spec: str, interface: Any, config: Config) -> Any:
+    """``load_plugin`` with the failure named by its config key (twistd and check-config
+    print it instead of a bare "No module named ...")."""
+    try:
+        return load_plugin(spec, interface, config)
+    except Exception as exc:
+        raise ConfigError([f"{key}: cannot load {spec!r}: {type(exc).__name__}: {exc}"]) from exc
+
+
 class SpoolBouncer(Bouncer):
     """Queues RFC 3464 notices through the same spool (see outbound.dsn)."""
 
@@ -303,16 +312,19 @@ class SmtpService(service.MultiService):
                                    shares=self.cluster.count if self.cluster else 1)
         self.auth_checker: Any = None
         if s.auth.enabled:
-            self.auth_checker = load_plugin(s.plugins.authService, IAuthChecker, c) \
+            self.auth_checker = _plugin("smtp.plugins.authService", s.plugins.authService,
+                                        IAuthChecker, c) \
                 if s.plugins.authService else \
                 UserTableChecker(s.auth.users, s.auth.allowPlaintextPasswords)
         self.directory = LocalDirectory(
             s.storage.mailboxDir, s.storage.listsDir,
             auth_user=(self.auth_checker.has_user if self.auth_checker else lambda _: False))
         local_domains = s.routing.all_local_domains()
-        routing_policy = load_plugin(s.plugins.routingPolicy, IInboundRoutingPolicy, c) \
+        routing_policy = _plugin("smtp.plugins.routingPolicy", s.plugins.routingPolicy,
+                                 IInboundRoutingPolicy, c) \
             if s.plugins.routingPolicy else None
-        self.local_delivery: Any = load_plugin(s.plugins.localDelivery, IDelivery, c) \
+        self.local_delivery: Any = _plugin("smtp.plugins.localDelivery",
+                                           s.plugins.localDelivery, IDelivery, c) \
             if s.plugins.localDelivery else \
             LocalDelivery(self.directory, lambda d: self.router.is_local_domain(d),
                           resubmit=self._resubmit, run_in_thread=self.disk_io.submit)
@@ -323,7 +335,10 @@ class SmtpService(service.MultiService):
         if s.relay.enabled:
             relay = RelayDelivery.from_config(c, self.reactor, clock=self.clock)
             self.tls_reporter = relay.tls_reporter(self._submit_report)
-            self.relay_policy = RelayAccessPolicy.from_config(s.relay)
+            try:
+                self.relay_policy = RelayAccessPolicy.from_config(s.relay)
+            except Exception as exc:
+                raise ConfigError([f"smtp.relay.rules: {exc}"]) from exc
         self.relay = relay
         self.router = DeliveryRouter(local_domains, self.local_delivery, relay,
                                      relay.route_key if relay is not None else None,
@@ -422,12 +437,19 @@ class SmtpService(service.MultiService):
                                                            s.rateLimit.exemptCidrs)
         self.auth_limiter = limiters.auth
         p = s.plugins
-        self.interceptors = InterceptorChain(
-            [load_plugin(spec, ICommandInterceptor, c) for spec in p.commandInterceptors]) \
-            if p.commandInterceptors else None
+        self.interceptors = None
+        if p.commandInterceptors:
+            loaded = [_plugin(f"smtp.plugins.commandInterceptors[{i}]", spec,
+                              ICommandInterceptor, c)
+                      for i, spec in enumerate(p.commandInterceptors)]
+            try:
+                self.interceptors = InterceptorChain(loaded)
+            except Exception as exc:  # e.g. a stage name that does not exist
+                raise ConfigError([f"smtp.plugins.commandInterceptors: {exc}"]) from exc
         if p.eventHooks:
             self.session_events.append(EventHooks(  # type: ignore[arg-type]
-                [load_plugin(spec, IEventHook, c) for spec in p.eventHooks]))
+                [_plugin(f"smtp.plugins.eventHooks[{i}]", spec, IEventHook, c)
+                 for i, spec in enumerate(p.eventHooks)]))
 
     def make_factory(self, listener: Any) -> SMTPFactory:
         s = self.config.smtp

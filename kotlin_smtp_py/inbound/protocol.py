@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 PAUSE_BUFFER = 64 * 1024  # pause reading when this much input waits behind a pending command
+AUTH_CHECK_TIMEOUT = 30.0  # seconds for an auth checker (bcrypt cost 14 takes ~1-2 s)
 # A command the server works on (commit, checks) for this long ends the session after all.
 BUSY_LIMIT_SECONDS = 600.0
 AUTH_LINE_MAX = 12288  # RFC 4954 §4
@@ -279,6 +280,8 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._discarding_line = False
         self._closing = False
         self._paused = False  # reading from the transport is paused
+        self._committing = False  # a message's spool commit is running (see _idle_timeout)
+        self._auth_slots: list[str] = []  # AUTH checks in flight counted for this session
         self._out_blocked = False  # the transport's output is backed up (it paused us)
         self._producing = False  # registered as the transport's producer
         self._out: list[bytes] = []
@@ -377,6 +380,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             if call is not None and call.active():
                 call.cancel()
         self._abort_tx()
+        self._release_auth_slots()
         if self._tls and not self._handshake_done:
             # A minTlsVersion/cipherSuites mismatch, or plain text on an implicit-TLS port,
             # looks like a hang-up otherwise (Postfix logs its SSL_accept error likewise).
@@ -402,14 +406,14 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def _idle_timeout(self) -> None:
         seconds = self.listener.idleTimeoutSeconds
-        if self._busy and not self._closing and \
+        if self._committing and not self._closing and \
                 self.clock.seconds() - self._busy_since < max(BUSY_LIMIT_SECONDS, seconds):
-            # The client is waiting for us (a commit, a policy or password check, the
-            # greeting): its idle time has not begun, and a 421 now, with the message stored
-            # anyway, would make it send the message again (RFC 5321 §4.5.3.2.7 times the
-            # client, not the server). Checked again later; _async_done starts a fresh period
-            # after our reply. Only a step stuck for 10 minutes (the client's own DATA
-            # timeout) ends the session here.
+            # The client is waiting for the spool commit of its message: a 421 now, with the
+            # message stored anyway, would make it send the message again (RFC 5321
+            # §4.5.3.2.7 times the client, not the server). Checked again later; _async_done
+            # starts a fresh period after our reply. Only a commit stuck for 10 minutes (the
+            # client's own DATA timeout) ends the session here. (Other waits — a plugin, a
+            # password check — end with the usual 421: nothing was stored.)
             self._idle_call = self.clock.callLater(seconds, self._idle_timeout)
             return
         log.info("session {session} idle timeout", session=self.session_id, peer=self.peer_ip)
@@ -1120,9 +1124,11 @@ class SMTPServerProtocol(smtp.ESMTP):
             message_id=tx.header.message_id,
             archive_owner=self.factory.archive_owner(self.session_info(), tx.sender),
             requiretls="REQUIRETLS" in params)
+        self._committing = True
         d: defer.Deferred[QueueEntry] = tx.writer.commit(envelope)
 
         def stored(entry: QueueEntry) -> SmtpReply:
+            self._committing = False
             log.info("accepted {queue_id} from <{sender}> for {recipient} size={size} "
                      "message-id={message_id}", queue_id=entry.queue_id, sender=sender,
                      recipient=",".join(r.address for r in tx.recipients), size=envelope.size,
@@ -1134,6 +1140,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             return R(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
         def failed(f: Failure) -> SmtpReply:
+            self._committing = False
             reply = STORAGE_FAILED
             if getattr(tx.writer, "too_big", False):  # the spool's own limit (Redis maxRawBytes)
                 reply = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -1273,7 +1280,14 @@ class SMTPServerProtocol(smtp.ESMTP):
         limiter = self.factory.auth_limiter
         assert checker is not None
 
-        def done(ok: bool) -> Any:
+        def done(ok: Any) -> Any:
+            if ok is not True and ok is not False and ok is not None:
+                # A plugin that answers something else (a string, a count) is broken, and
+                # "truthy" is no login: temporary failure, logged for the operator.
+                log.error("session {session}: auth checker answered {answer!r}, not a bool",
+                          session=self.session_id, answer=type(ok).__name__,
+                          event="plugin_error")
+                return R(454, "4.7.0", "Temporary authentication failure")
             if ok:
                 self._auth_user = user
                 if limiter is not None:
@@ -1288,7 +1302,10 @@ class SMTPServerProtocol(smtp.ESMTP):
         def check(locked: bool) -> Any:
             if locked:
                 return self._auth_locked()
-            d: defer.Deferred[bool] = checker.check(user, password)
+            d: defer.Deferred[bool] = defer.maybeDeferred(checker.check, user, password)
+            # A check that never answers would hold this session and its in-flight counts
+            # (which lock out later logins from the same IP) for ever.
+            d.addTimeout(AUTH_CHECK_TIMEOUT, self.clock)
             return d.addCallback(done)
 
         if limiter is None:
@@ -1302,18 +1319,26 @@ class SMTPServerProtocol(smtp.ESMTP):
             return self._auth_locked()
         for s in subjects:
             in_flight[s] = in_flight.get(s, 0) + 1
+        self._auth_slots = subjects
 
         def finished(result: Any) -> Any:
-            for s in subjects:
-                left = in_flight.get(s, 1) - 1
-                if left > 0:
-                    in_flight[s] = left
-                else:
-                    in_flight.pop(s, None)
+            self._release_auth_slots()
             return result
 
         locked: defer.Deferred[bool] = limiter.is_locked(self.peer_ip, user)
         return locked.addCallback(check).addBoth(finished)
+
+    def _release_auth_slots(self) -> None:
+        """Once per check: when it answers, or when the session ends first (a check that
+        never answers must not lock later logins from the same IP out)."""
+        subjects, self._auth_slots = self._auth_slots, []
+        in_flight = self.factory.auth_in_flight
+        for s in subjects:
+            left = in_flight.get(s, 1) - 1
+            if left > 0:
+                in_flight[s] = left
+            else:
+                in_flight.pop(s, None)
 
     def _auth_locked(self) -> SmtpReply:
         self._auth_refusals += 1

@@ -99,8 +99,13 @@ class RelayAccessPolicy:
             return False
         for rule in self._rules:
             verdict = rule.decide(session, sender, recipient)
+            if verdict is True or verdict is False:
+                return verdict
             if verdict is not None:
-                return bool(verdict)
+                # Never bool(): a Deferred or a string "deny" is truthy, and would open the
+                # relay. The RCPT handler answers a rule failure with 451.
+                raise TypeError(f"relay rule {type(rule).__name__} answered "
+                                f"{type(verdict).__name__}, not True/False/None")
         return self._default.decide(session, sender, recipient)
 
     def relay_allowed(self, peer_ip: str, authenticated: bool, sender: Address | None,

@@ -71,7 +71,17 @@ class DirectLocalDelivery:
 
     def _may_go_direct(self, rcpt: Recipient) -> bool:
         # NOTIFY=SUCCESS needs the scheduler's notice; plugins and the relay deliver the rest.
-        return "SUCCESS" not in rcpt.notify and self.routes_to_local(rcpt)
+        if "SUCCESS" in rcpt.notify:
+            return False
+        try:
+            return bool(self.routes_to_local(rcpt))
+        except Exception:
+            # A routing plugin that fails here (mid-DATA, when a large message starts to
+            # spill) only means "not direct": the message is queued, and routing at
+            # delivery time retries or bounces it.
+            log.failure("routing {recipient} for direct delivery failed; queueing it",
+                        recipient=rcpt.address)
+            return False
 
     def target(self, sender: str, recipients: Sequence[Recipient]) -> MaildirTarget | None:
         """Reactor thread, before the first byte of a message that outgrew memory: its

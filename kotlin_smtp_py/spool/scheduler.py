@@ -264,7 +264,10 @@ class Scheduler:
             groups.setdefault(key, (delivery, []))[1].append(rcpt)
         for key, (delivery, rcpts) in groups.items():
             try:
-                got = _checked(await delivery.deliver(claim.entry, claim.message_path, rcpts))
+                # maybeDeferred: a plugin answering synchronously (a plain list) delivered
+                # already; awaiting the list raised and it was delivered again on each retry.
+                got = _checked(await defer.maybeDeferred(
+                    delivery.deliver, claim.entry, claim.message_path, rcpts))
             except Exception as exc:  # a delivery must not raise; treat as transient if it does
                 log.failure("delivery to {route} raised", route=key)
                 got = [(r, DeliveryStatus.transient(Reason.OTHER, f"internal error: {exc}",

@@ -236,5 +236,7 @@ def test_unknown_plugin_fails_start_up_clearly(tmp_path: Path) -> None:
     config = cfg.load_text(yaml.safe_dump({"smtp": {
         "storage": dirs, "spool": {"dir": str(tmp_path / "spool")},
         "plugins": {"commandInterceptors": ["examples.plugins.JsonLinesAudit"]}}}))
-    with pytest.raises(TypeError, match="does not provide ICommandInterceptor"):
+    with pytest.raises(cfg.ConfigError,
+                       match=r"smtp\.plugins\.commandInterceptors\[0\].*does not provide "
+                             "ICommandInterceptor"):
         SmtpService(config)
