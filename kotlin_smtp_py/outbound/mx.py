@@ -49,6 +49,9 @@ class MxResult:
     domain: str
     hosts: tuple[MxHost, ...]
     implicit: bool = False
+    # Every MX name with its preference, before hosts without an address were dropped: the
+    # mail-loop check must see our own name even where it has no A/AAAA record.
+    names: tuple[tuple[int, str], ...] = ()
 
 
 class _Lookup:
@@ -150,19 +153,29 @@ class MxResolver:
             return _transient_dns(domain, f"MX lookup {mx.failure}")
         if not mx.records:
             return await self._implicit(domain)
-        targets = [(int(r.preference), r.name.name.decode("ascii", "replace").rstrip(".").lower())
-                   for r in mx.records]
+        targets = [(int(r.preference), _host_name(r.name.name)) for r in mx.records]
         if len(targets) == 1 and targets[0][1] == "":
             return DeliveryStatus.permanent_failure(
                 Reason.DNS, f"domain {domain} does not accept mail (null MX)", "5.1.10", 556,
                 diagnostic=f"x-dns; null MX for {domain}")
-        targets = [t for t in targets if t[1]]
-        return await self._hosts(domain, self._order(targets))
+        # None: not a host name at all (raw 8-bit bytes); it can never be reached, so it is
+        # skipped like a host without an address, not taken for a DNS outage.
+        usable = [(p, n) for p, n in targets if n is not None and n != ""]
+        ordered = self._order(usable)
+        found = await self._hosts(domain, ordered)
+        if isinstance(found, MxResult):
+            return MxResult(found.domain, found.hosts, found.implicit, tuple(ordered))
+        return found
 
     def _order(self, targets: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        # One place per name, at its best preference: a host listed twice is tried once.
+        best: dict[str, int] = {}
+        for pref, name in targets:
+            if name not in best or pref < best[name]:
+                best[name] = pref
         by_pref: dict[int, list[tuple[int, str]]] = {}
-        for t in dict.fromkeys(targets):
-            by_pref.setdefault(t[0], []).append(t)
+        for name, pref in best.items():
+            by_pref.setdefault(pref, []).append((pref, name))
         ordered: list[tuple[int, str]] = []
         for pref in sorted(by_pref):
             group = by_pref[pref]
@@ -198,6 +211,15 @@ class MxResolver:
         return DeliveryStatus.permanent_failure(
             Reason.DNS, f"domain {domain} has no MX and no address", "5.1.2", 550,
             diagnostic=f"x-dns; no MX/A/AAAA for {domain}")
+
+
+def _host_name(raw: bytes) -> str | None:
+    """An MX target as a lower-case name without the final dot; "" for the root (Null MX),
+    None for bytes that are no host name (8-bit: an A-label is ASCII)."""
+    try:
+        return raw.decode("ascii").rstrip(".").lower()
+    except UnicodeDecodeError:
+        return None
 
 
 def _ipv6_text(record: Any) -> str:

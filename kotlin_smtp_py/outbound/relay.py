@@ -15,6 +15,7 @@ and TLS/EHLO trouble before MAIL, never after. Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -47,6 +48,13 @@ log = Logger()
 MAX_TARGETS = 10  # sessions tried per next hop and attempt (MX hosts × addresses × ports)
 
 Results = list[tuple[Recipient, DeliveryStatus]]
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 @implementer(IDelivery)
@@ -155,6 +163,8 @@ class RelayDelivery:
             self._log_results(entry, hop, [(r, planned) for r in recipients])
             return [(r, planned) for r in recipients]
         results: Results = []
+        deferred: Results | None = None  # a host that failed temporarily, this attempt
+        exhausted = True
         for item in planned[:MAX_TARGETS]:
             outcome = await deliver_session(self._reactor, item.target, self._smtp.hostname,
                                             item.tls, message, hop.credentials,
@@ -163,7 +173,15 @@ class RelayDelivery:
                 self.policies.observe(item, outcome)
             results = outcome.per_recipient(recipients)
             if outcome.host_failure is None or not outcome.try_next:
+                exhausted = False
                 break
+            if deferred is None and all(st.temporary for _, st in results):
+                deferred = results
+        if exhausted and deferred is not None and any(st.permanent for _, st in results):
+            # Every host failed, one of them only temporarily (unreachable, 4xx): a later
+            # host's 5xx greeting says "no SMTP here", not "no such recipient", so the mail
+            # is retried rather than bounced (as Postfix's smtp_skip_5xx_greeting).
+            results = deferred
         self._log_results(entry, hop, results)
         return results
 
@@ -183,14 +201,41 @@ class RelayDelivery:
         return self._mx_targets(hop, found)
 
     def _mx_targets(self, hop: NextHop, found: MxResult) -> list[Target] | DeliveryStatus:
+        """RFC 5321 §5.1: if we are one of the MX hosts — by name, or by an address and port
+        we listen on — only the hosts more preferred than we are may be used (a backup MX
+        passes mail on to the primary); none left means the mail would loop back to us."""
         me = self._smtp.hostname.lower().rstrip(".")
-        if any(h.name == me for h in found.hosts) and me not in ("localhost", ""):
-            # RFC 5321 §5.1: we are (one of) the MX for this domain but it is not local here.
+        names = found.names or tuple((h.preference, h.name) for h in found.hosts)
+        ours = [p for p, n in names if n == me and me not in ("localhost", "")]
+        ours += [h.preference for h in found.hosts
+                 if any(self._is_own_listener(a, port)
+                        for a in h.addresses for port in hop.tls.ports)]
+        hosts = found.hosts
+        if ours and not found.implicit:
+            mine = min(ours)
+            hosts = tuple(h for h in hosts if h.preference < mine)
+        elif ours:  # implicit MX (the domain's own address) that is us
+            hosts = ()
+        if not hosts:
             return DeliveryStatus.permanent_failure(
                 Reason.DNS, f"mail for {hop.domain} loops back to myself", "5.4.6", 554,
-                diagnostic=f"x-dns; {me} is an MX for {hop.domain}")
-        return [Target(h.name, address, port)
-                for h in found.hosts for address in h.addresses for port in hop.tls.ports]
+                diagnostic=f"x-dns; {me} is the best MX for {hop.domain}")
+        targets: dict[tuple[str, int], Target] = {}
+        for h in hosts:
+            for address in h.addresses:
+                for port in hop.tls.ports:
+                    # One session per address and port, whatever names point to it.
+                    targets.setdefault((address, port), Target(h.name, address, port))
+        return list(targets.values())
+
+    def _is_own_listener(self, address: str, port: int) -> bool:
+        for lst in self._smtp.effective_listeners():
+            if lst.port != port:
+                continue
+            bind = (lst.bindAddress or "").strip("[]")
+            if bind == address or (bind in ("", "0.0.0.0", "::") and _is_loopback(address)):
+                return True
+        return False
 
     async def _smart_host_targets(self, hop: NextHop, host: str) -> list[Target] | DeliveryStatus:
         from ipaddress import ip_address
