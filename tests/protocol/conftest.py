@@ -57,3 +57,20 @@ def make_server(tmp_path: Path, certs: CertSet, reactor_thread: None
     yield make
     for svc in started:
         on_reactor(svc.stopService, timeout=30)
+
+
+@pytest.fixture
+def failures() -> Iterator[list[dict[str, Any]]]:
+    """Failure events (tracebacks) logged in this process — the server runs in-process —
+    during the test."""
+    from twisted.logger import globalLogPublisher
+
+    got: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("isError"):
+            got.append(event)
+
+    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
+    yield got
+    globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]

@@ -93,3 +93,17 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def scrape_metrics(management_port: int) -> dict[str, float]:
+    """The server's /metrics as {series (name and labels): value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{management_port}/metrics",
+                                  timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

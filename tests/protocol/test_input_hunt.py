@@ -9,33 +9,17 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helpers import wait_until
 from protocol_support import Client, Server
-from twisted.logger import globalLogPublisher
 
 from kotlin_smtp_py.inbound.auth import hash_password
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_TRUNCATED = V2_SIG + b"\x21\x11\x00"
 PROXY_OK = b"PROXY TCP4 203.0.113.5 192.0.2.1 40000 25\r\n"
-
-
-@pytest.fixture
-def failures() -> Iterator[list[dict[str, Any]]]:
-    """Failure events logged in this process (the server runs in-process) during the test."""
-    got: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if "log_failure" in event or event.get("isError"):
-            got.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield got
-    globalLogPublisher.removeObserver(observer)
 
 
 def no_tracebacks(failures: list[dict[str, Any]]) -> None:

@@ -15,15 +15,12 @@ import socket
 import ssl
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import on_reactor, redis_command, wait_until
-from protocol_support import Client, Server
-from twisted.logger import globalLogPublisher
+from protocol_support import Client, Server, scrape_metrics
 
 from kotlin_smtp_py.inbound.protocol import MAX_ERRORS, PAUSE_BUFFER, READ_SIZE
 
@@ -32,20 +29,6 @@ LISTENER: dict[str, Any] = {"port": 0, "bindAddress": "127.0.0.1"}
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def failures() -> Iterator[list[dict[str, Any]]]:
-    """Failure events (tracebacks) logged in this process during the test."""
-    got: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if "log_failure" in event or event.get("isError"):
-            got.append(event)
-
-    globalLogPublisher.addObserver(observer)  # type: ignore[arg-type]
-    yield got
-    globalLogPublisher.removeObserver(observer)  # type: ignore[arg-type]
 
 
 def no_tracebacks(failures: list[dict[str, Any]]) -> None:
@@ -75,14 +58,7 @@ def session_count(srv: Server) -> int:
 
 
 def scrape(srv: Server) -> dict[str, float]:
-    port = srv.service.management_port.getHost().port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape_metrics(srv.service.management_port.getHost().port)
 
 
 def all_released(srv: Server) -> bool:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import smtplib
-import urllib.request
 from typing import Any
 
 from helpers import wait_until
-from protocol_support import Client
+from protocol_support import Client, scrape_metrics
 
 
 def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape_metrics(port)
 
 
 def delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
