@@ -794,7 +794,9 @@ class FileSpool:
         with open(path, "a") as fh:
             if self._owner is not None:
                 os.fchown(fh.fileno(), *self._owner)
-        os.utime(path)
+            # Through the descriptor: a running server may take (rename or remove) the request
+            # file at any moment, and a utime by path then failed with ENOENT.
+            os.utime(fh.fileno())
 
     def note_trigger(self) -> None:
         """A trigger (ETRN) ran now: ``queue flush`` honours its cooldown too."""

@@ -189,7 +189,10 @@ def attempts(sink: TokenSink, token: str) -> int:
 def relay_overrides(sink_port: int, retry_delay: int, name: str = "file") -> dict[str, Any]:
     return {"smtp": {
         "hostname": f"node-{name}.test",
-        "spool": {"retryDelaySeconds": retry_delay, "maxRetries": 50, "workerConcurrency": 4},
+        # (a long trigger cooldown: a second `queue flush` must fall inside it however slowly
+        # the CLI starts on a loaded machine; the default 1 s did not under CI load)
+        "spool": {"retryDelaySeconds": retry_delay, "maxRetries": 50, "workerConcurrency": 4,
+                  "triggerCooldownMillis": 60000},
         "relay": {"enabled": True, "requireAuthForRelay": False,
                   "allowedClientCidrs": ["127.0.0.0/8"],
                   "defaultRoute": {"host": "127.0.0.1", "port": sink_port,
