@@ -1306,7 +1306,15 @@ class SMTPServerProtocol(smtp.ESMTP):
             # A check that never answers would hold this session and its in-flight counts
             # (which lock out later logins from the same IP) for ever.
             d.addTimeout(AUTH_CHECK_TIMEOUT, self.clock)
-            return d.addCallback(done)
+
+            def timed_out(f: Failure) -> SmtpReply:
+                f.trap(defer.TimeoutError)  # type: ignore[no-untyped-call]
+                log.warn("session {session}: auth checker gave no answer in {seconds:.0f}s",
+                         session=self.session_id, seconds=AUTH_CHECK_TIMEOUT,
+                         event="plugin_error")
+                return R(454, "4.7.0", "Temporary authentication failure")
+
+            return d.addCallbacks(done, timed_out)
 
         if limiter is None:
             return check(False)
