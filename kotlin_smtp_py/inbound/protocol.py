@@ -63,8 +63,8 @@ log = Logger()
 
 PAUSE_BUFFER = 64 * 1024  # pause reading when this much input waits behind a pending command
 AUTH_CHECK_TIMEOUT = 30.0  # seconds for an auth checker (bcrypt cost 14 takes ~1-2 s)
-# A command the server works on (commit, checks) for this long ends the session after all.
-BUSY_LIMIT_SECONDS = 600.0
+# A message's spool commit running this long ends the session at the idle timeout after all.
+COMMIT_LIMIT_SECONDS = 600.0
 AUTH_LINE_MAX = 12288  # RFC 4954 §4
 MAX_ERRORS = 20  # like Postfix's smtpd_hard_error_limit
 # Like Postfix's smtpd_junk_command_limit: past this many NOOP/RSET/VRFY/EXPN/ETRN since
@@ -280,7 +280,7 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._discarding_line = False
         self._closing = False
         self._paused = False  # reading from the transport is paused
-        self._committing = False  # a message's spool commit is running (see _idle_timeout)
+        self._commit_started: float | None = None  # a message's spool commit is running
         self._auth_slots: list[str] = []  # AUTH checks in flight counted for this session
         self._out_blocked = False  # the transport's output is backed up (it paused us)
         self._producing = False  # registered as the transport's producer
@@ -292,7 +292,6 @@ class SMTPServerProtocol(smtp.ESMTP):
         self._auth_state: tuple[str, list[str]] | None = None
         self._tls = False
         self._handshake_done = False
-        self._busy_since = 0.0  # set when connected (and at each asynchronous command)
         self._errors = 0
         self._junk = 0
         self._auth_refusals = 0
@@ -341,7 +340,6 @@ class SMTPServerProtocol(smtp.ESMTP):
                       peer=self.peer_ip, event="session_started")
         if self._tls:
             self._arm_handshake_timer()
-        self._busy_since = self.clock.seconds()
         self._arm_idle_timer()
         # Output back-pressure: the transport pauses us when replies back up (a client that
         # pipelines and never reads), and we stop reading and processing until they drain.
@@ -406,8 +404,9 @@ class SMTPServerProtocol(smtp.ESMTP):
 
     def _idle_timeout(self) -> None:
         seconds = self.listener.idleTimeoutSeconds
-        if self._committing and not self._closing and \
-                self.clock.seconds() - self._busy_since < max(BUSY_LIMIT_SECONDS, seconds):
+        started = self._commit_started
+        if started is not None and not self._closing and \
+                self.clock.seconds() - started < max(COMMIT_LIMIT_SECONDS, seconds):
             # The client is waiting for the spool commit of its message: a 421 now, with the
             # message stored anyway, would make it send the message again (RFC 5321
             # §4.5.3.2.7 times the client, not the server). Checked again later; _async_done
@@ -527,8 +526,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             self._idle_call.reset(self.listener.idleTimeoutSeconds)
         self._buf += data
         self._process()
-        if (self._busy or self._out_blocked) and len(self._buf) > PAUSE_BUFFER and \
-                not self._paused:
+        if not self._paused and len(self._buf) > PAUSE_BUFFER:
             self._update_reading()
 
     def _process(self) -> None:
@@ -624,7 +622,6 @@ class SMTPServerProtocol(smtp.ESMTP):
             result = R(451, "4.3.0", "Internal error, try again later")
         if isinstance(result, defer.Deferred):
             self._busy = True
-            self._busy_since = self.clock.seconds()
             result.addErrback(self._internal_error)
             result.addCallback(self._async_done)
         elif result is not None:
@@ -1124,11 +1121,11 @@ class SMTPServerProtocol(smtp.ESMTP):
             message_id=tx.header.message_id,
             archive_owner=self.factory.archive_owner(self.session_info(), tx.sender),
             requiretls="REQUIRETLS" in params)
-        self._committing = True
+        self._commit_started = self.clock.seconds()
         d: defer.Deferred[QueueEntry] = tx.writer.commit(envelope)
 
         def stored(entry: QueueEntry) -> SmtpReply:
-            self._committing = False
+            self._commit_started = None
             log.info("accepted {queue_id} from <{sender}> for {recipient} size={size} "
                      "message-id={message_id}", queue_id=entry.queue_id, sender=sender,
                      recipient=",".join(r.address for r in tx.recipients), size=envelope.size,
@@ -1140,7 +1137,7 @@ class SMTPServerProtocol(smtp.ESMTP):
             return R(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
         def failed(f: Failure) -> SmtpReply:
-            self._committing = False
+            self._commit_started = None
             reply = STORAGE_FAILED
             if getattr(tx.writer, "too_big", False):  # the spool's own limit (Redis maxRawBytes)
                 reply = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
