@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 from zope.interface.interface import Method
 
-from kotlin_smtp_py.status import SmtpReply
+from kotlin_smtp_py.status import SmtpReply, one_line
 
 log = Logger()
 
@@ -205,7 +205,7 @@ def _checked_reply(reply: Any) -> SmtpReply | None:
     enhanced = reply.enhanced
     if enhanced and not (_ENHANCED.fullmatch(enhanced) and enhanced[0] == str(reply.code)[0]):
         enhanced = ""
-    text = "".join(c if c.isprintable() else " " for c in reply.text)[:500]
+    text = one_line(reply.text)[:500]
     if (enhanced, text) == (reply.enhanced, reply.text):
         return reply
     return SmtpReply(reply.code, enhanced, text)

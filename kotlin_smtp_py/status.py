@@ -11,6 +11,12 @@ import enum
 from dataclasses import dataclass
 
 
+def one_line(text: str) -> str:
+    """``text`` (a peer's or a plugin's) with control characters — CR, LF, ESC — as spaces:
+    safe inside one reply line, one log field or one `queue list` line."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 @dataclass(frozen=True)
 class SmtpReply:
     """One reply to an SMTP client: ``code`` ``enhanced`` ``text`` (text may hold several lines)."""

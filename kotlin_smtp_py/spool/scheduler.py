@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import BackendUnavailable, IRouter, ISpool
 from kotlin_smtp_py.spool.record import Claim, QueueEntry
-from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason
+from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason, one_line
 
 log = Logger()
 
@@ -69,12 +69,6 @@ def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
              status=f"{status.code} {status.enhanced} {status.text}",
              reason="" if status.ok else status.reason.value, attempt=attempt,
              event="delivery_attempt", **extra)
-
-
-def _one_line(text: str) -> str:
-    """A remote reply kept as ``last_error``: control characters (ESC, a bare CR) become
-    spaces, so that what `queue list` and the logs show is what was said."""
-    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def log_finished(entry: QueueEntry, outcome: str) -> None:
@@ -355,7 +349,7 @@ class Scheduler:
         remaining = tuple(r for r, _ in retry)
         notified = tuple(sorted({*entry.delayed_notified, *(r.address for r, _ in retry)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
-                               last_error=_one_line(retry[0][1].text)[:500],
+                               last_error=one_line(retry[0][1].text)[:500],
                                delayed_notified=notified,
                                delivered_before=entry.delivered_before or bool(delivered),
                                bounced_before=entry.bounced_before or bool(failed))
