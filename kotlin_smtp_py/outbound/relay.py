@@ -15,7 +15,6 @@ and TLS/EHLO trouble before MAIL, never after. Invariants:
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from kotlin_smtp_py.config import Config, SmtpConfig
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import IDelivery
 from kotlin_smtp_py.log import debug_enabled
+from kotlin_smtp_py.netutil import parse_ip
 from kotlin_smtp_py.outbound.client import (
     OutboundMessage,
     SessionCache,
@@ -48,13 +48,6 @@ log = Logger()
 MAX_TARGETS = 10  # sessions tried per next hop and attempt (MX hosts × addresses × ports)
 
 Results = list[tuple[Recipient, DeliveryStatus]]
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 @implementer(IDelivery)
@@ -233,7 +226,9 @@ class RelayDelivery:
             if lst.port != port:
                 continue
             bind = (lst.bindAddress or "").strip("[]")
-            if bind == address or (bind in ("", "0.0.0.0", "::") and _is_loopback(address)):
+            ip = parse_ip(address)
+            if bind == address or (bind in ("", "0.0.0.0", "::") and ip is not None
+                                   and ip.is_loopback):
                 return True
         return False
 
