@@ -174,6 +174,9 @@ class PluginsConfig:
     authService: str = ""
     routingPolicy: str = ""
     localDelivery: str = ""
+    # A local-delivery plugin that never answers would hold one of workerConcurrency's slots
+    # for ever; past this the call is abandoned and its recipients retried (4.4.1).
+    localDeliveryTimeoutSeconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -637,7 +640,9 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
     for key, value in (("smtp.limits.maxMessageSizeBytes", s.limits.maxMessageSizeBytes),
                        ("smtp.limits.maxRecipients", s.limits.maxRecipients),
                        ("smtp.spool.workerConcurrency", s.spool.workerConcurrency),
-                       ("smtp.spool.retryDelaySeconds", s.spool.retryDelaySeconds)):
+                       ("smtp.spool.retryDelaySeconds", s.spool.retryDelaySeconds),
+                       ("smtp.plugins.localDeliveryTimeoutSeconds",
+                        s.plugins.localDeliveryTimeoutSeconds)):
         if value <= 0:
             p.append(f"{key}: must be positive, got {value}")
     if not 0 <= s.workers <= 256:

@@ -31,10 +31,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 from zope.interface.interface import Method
 
-from kotlin_smtp_py.status import SmtpReply, one_line
+from kotlin_smtp_py.interfaces import IDelivery
+from kotlin_smtp_py.status import DeliveryStatus, Reason, SmtpReply, one_line
 
 log = Logger()
 
@@ -243,3 +244,39 @@ class EventHooks:
     def message_rejected(self, session: Any, reply: SmtpReply) -> None:
         self._emit(Event("message_rejected", session.session_info(),
                          reason=f"{reply.code} {reply.enhanced} {reply.text}"))
+
+
+@implementer(IDelivery)
+class DeliveryWithDeadline:
+    """A local-delivery plugin with a deadline (``smtp.plugins.localDeliveryTimeoutSeconds``).
+
+    The scheduler awaits each delivery while it holds one of ``workerConcurrency`` slots; a
+    plugin that never answered held its slot for ever, and with the default of one slot no
+    other mail was delivered. Past the deadline the call is cancelled and its recipients get a
+    transient 4.4.1, so the entry is retried with backoff (and bounced after maxRetries). A
+    plugin that did deliver but answered too late is delivered again on the retry: the same
+    at-least-once as a crash after delivery.
+    """
+
+    def __init__(self, inner: Any, timeout: float, clock: Any) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.clock = clock
+
+    def deliver(self, entry: Any, message_path: str, recipients: Any) -> defer.Deferred[Any]:
+        name = type(self.inner).__name__
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.inner.deliver, entry, message_path,
+                                                      recipients)
+        d.addTimeout(self.timeout, self.clock)
+
+        def timed_out(failure: Any) -> Any:
+            failure.trap(defer.TimeoutError)
+            log.warn("local delivery {plugin} gave no answer for {queue_id} within {seconds:.0f}s;"
+                     " its recipients are retried later", plugin=name,
+                     queue_id=entry.queue_id, seconds=self.timeout, event="delivery_timeout")
+            status = DeliveryStatus.transient(
+                Reason.TIMEOUT, f"local delivery gave no answer within {self.timeout:.0f}s",
+                "4.4.1")
+            return [(r, status) for r in recipients]
+
+        return d.addErrback(timed_out)

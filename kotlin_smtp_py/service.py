@@ -39,6 +39,7 @@ from kotlin_smtp_py.metrics import Metrics, MetricsSessionEvents, MetricsSpoolEv
 from kotlin_smtp_py.netutil import CidrSet
 from kotlin_smtp_py.outbound.relay import RelayDelivery
 from kotlin_smtp_py.plugins import (
+    DeliveryWithDeadline,
     EventHooks,
     ICommandInterceptor,
     IEventHook,
@@ -323,8 +324,9 @@ class SmtpService(service.MultiService):
         routing_policy = _plugin("smtp.plugins.routingPolicy", s.plugins.routingPolicy,
                                  IInboundRoutingPolicy, c) \
             if s.plugins.routingPolicy else None
-        self.local_delivery: Any = _plugin("smtp.plugins.localDelivery",
-                                           s.plugins.localDelivery, IDelivery, c) \
+        self.local_delivery: Any = DeliveryWithDeadline(
+            _plugin("smtp.plugins.localDelivery", s.plugins.localDelivery, IDelivery, c),
+            s.plugins.localDeliveryTimeoutSeconds, self.clock) \
             if s.plugins.localDelivery else \
             LocalDelivery(self.directory, lambda d: self.router.is_local_domain(d),
                           resubmit=self._resubmit, run_in_thread=self.disk_io.submit)

@@ -8,8 +8,7 @@ config key named.
 
 The plugins live in this module (importable as ``test_plugin_hunt``: tests/protocol is on
 sys.path) and are scripted by the local part of the address they see, so that one server
-exercises many misbehaviours. Twenty cases found bugs (fixed since); the one strict xfail left
-documents a known gap (a local delivery that never answers holds its worker slot).
+exercises many misbehaviours. Twenty-one cases found bugs (all fixed since).
 """
 
 from __future__ import annotations
@@ -588,20 +587,24 @@ def test_misbehaving_local_delivery_keeps_the_message_queued(make_server: Any,
     assert [a for _, a in STATE["delivered"]] == ["alice@localhost"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "One hung local-delivery call stops all delivery: spool/scheduler.py _deliver_groups "
-    "awaits delivery.deliver(...) without a deadline, the entry stays in _in_flight for ever "
-    "and with smtp.spool.workerConcurrency (default 1) slots taken no other entry (local or "
-    "relay) is ever delivered; shutdown only releases the lease. Fix: a per-delivery timeout "
-    "in Scheduler._deliver_groups (d.addTimeout, e.g. configurable, result = transient "
-    "4.4.1 for the group) so the slot is freed and the entry retried."))
 def test_hung_local_delivery_does_not_stall_other_mail(make_server: Any) -> None:
-    srv = delivery_server(make_server)
+    """A local-delivery call that never answers used to hold the only workerConcurrency slot
+    for ever (no other mail was delivered): past smtp.plugins.localDeliveryTimeoutSeconds it
+    is abandoned and its recipient retried."""
+    srv: Server = make_server({"smtp": {"plugins": {
+        "localDelivery": f"{MOD}.ScriptedDelivery", "localDeliveryTimeoutSeconds": 1},
+        "spool": {"maxRetries": 10}}}, users=("alice", "bob", "hang"))
     c = session(srv)
     assert send_message(c, "fine@remote.test", ["hang@localhost"]) == 250
     wait_until(lambda: HELD, timeout=10, message="the hung delivery to start")
     assert send_message(c, "fine@remote.test", ["bob@localhost"]) == 250
     wait_until(lambda: STATE["delivered"], timeout=10, message="bob's delivery")
+    assert [a for _, a in STATE["delivered"]] == ["bob@localhost"]
+    wait_until(lambda: any(e["attempts"] >= 1 for e in entries(srv)), timeout=10,
+               message="the hung attempt recorded as a failure to retry")
+    [hung] = entries(srv)
+    assert "no answer within 1s" in hung["last_error"], hung
+    assert len(hung["pending"]) == 1
 
 
 def test_local_delivery_answering_synchronously_delivers_once(make_server: Any) -> None:
