@@ -111,6 +111,9 @@ class SpoolConfig:
     triggerCooldownMillis: int = 1000
     ioThreads: int = 1
     directLocalDelivery: bool = True
+    # A delay notice (DSN "delayed") only once a message has waited this long (sendmail's
+    # queuewarn); 0 = at the first deferral. Postfix sends none by default.
+    delayWarningSeconds: int = 14400
     redis: RedisSpoolConfig = field(default_factory=RedisSpoolConfig)
 
 
@@ -662,6 +665,8 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
         p.append(f"smtp.spool.ioThreads: must be between 1 and 64, got {s.spool.ioThreads}")
     if s.spool.maxRetries < 0:
         p.append("smtp.spool.maxRetries: must be >= 0")
+    if s.spool.delayWarningSeconds < 0:
+        p.append("smtp.spool.delayWarningSeconds: must be >= 0")
     _check_choice(s.ssl.minTlsVersion, ("TLSv1.2", "TLSv1.3"), "smtp.ssl.minTlsVersion", p)
     if s.ssl.enabled:
         readable = True

@@ -352,6 +352,7 @@ class SmtpService(service.MultiService):
         self.scheduler = Scheduler(
             self.spool, self.router, self.bouncer, max_retries=s.spool.maxRetries,
             retry_delay_seconds=s.spool.retryDelaySeconds, concurrency=s.spool.workerConcurrency,
+            delay_warning_seconds=s.spool.delayWarningSeconds,
             clock=self.clock, events=spool_events,  # type: ignore[arg-type]
             archiver=self._archive_sent)
         self.direct_delivery: DirectLocalDelivery | None = None

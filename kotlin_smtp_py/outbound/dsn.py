@@ -7,8 +7,9 @@ Invariants (loops are impossible by construction):
   a DSN that fails can never produce another DSN.
 * NOTIFY=NEVER suppresses everything; ``delivered`` needs NOTIFY=SUCCESS; ``failed`` needs
   FAILURE; ``delayed`` needs DELAY. Without NOTIFY we use FAILURE,DELAY — one of the two defaults
-  RFC 3461 §4.1 permits (the scheduler decides *when* a delay notice is due and sends at most one
-  per recipient, ``QueueEntry.delayed_notified``).
+  RFC 3461 §4.1 permits (the scheduler decides *when* a delay notice is due — at a deferral once
+  the message is ``smtp.spool.delayWarningSeconds`` old — and sends at most one per recipient,
+  ``QueueEntry.delayed_notified``).
 * The output is CRLF-terminated ASCII apart from the returned original (and non-ASCII addresses,
   which only occur in SMTPUTF8 mail): ``message/rfc822`` for RET=FULL or no RET,
   ``text/rfc822-headers`` for RET=HDRS.

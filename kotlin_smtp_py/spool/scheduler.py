@@ -99,8 +99,8 @@ class Scheduler:
                  retry_delay_seconds: float, concurrency: int, clock: Any = None,
                  tick_seconds: float = 1.0, events: SpoolEvents | None = None,
                  rng: random.Random | None = None,
-                 archiver: Callable[[QueueEntry, str], defer.Deferred[Any]] | None = None
-                 ) -> None:
+                 archiver: Callable[[QueueEntry, str], defer.Deferred[Any]] | None = None,
+                 delay_warning_seconds: float = 0.0) -> None:
         from twisted.internet import reactor
 
         self.spool = spool
@@ -114,6 +114,7 @@ class Scheduler:
         self.events = events or SpoolEvents()
         self.rng = rng or random.Random()
         self.archiver = archiver
+        self.delay_warning_seconds = delay_warning_seconds
         self._loop: task.LoopingCall | None = None
         self._running = False
         self._again = False
@@ -321,8 +322,12 @@ class Scheduler:
                 attempts=attempt, next_attempt=now + delay,
                 delivered_before=entry.delivered_before or bool(delivered)))
             return
+        age = max(0.0, now - entry.created)
         # Success and delay notices are courtesy: a failure to queue one is logged, not retried.
-        fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified]
+        # A delay notice waits until the message is delayWarningSeconds old: one at the first
+        # deferral told the sender of every greylisting.
+        fresh_delay = [r for r in retry if r[0].address not in entry.delayed_notified] \
+            if age >= self.delay_warning_seconds else []
         groups = [(action, [r for r in delivered if r[1].success_action == action])
                   for action in ("delivered", "expanded", "relayed")]
         for action, group in (*groups, ("delayed", fresh_delay)):
@@ -334,7 +339,6 @@ class Scheduler:
                                 action=action, queue_id=entry.queue_id)
         if failed:
             self.events.recipients_dropped(entry, len(failed))
-        age = max(0.0, now - entry.created)
         if not retry:
             await self.spool.complete(claim)
             # Over every run: a recipient bounced earlier makes a later full success "other".
@@ -347,7 +351,8 @@ class Scheduler:
             return
         delay = retry_delay(self.retry_delay_seconds, attempt, self.rng)
         remaining = tuple(r for r, _ in retry)
-        notified = tuple(sorted({*entry.delayed_notified, *(r.address for r, _ in retry)}))
+        notified = tuple(sorted({*entry.delayed_notified,
+                                 *(r.address for r, _ in fresh_delay)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
                                last_error=one_line(retry[0][1].text)[:500],
                                delayed_notified=notified,

@@ -102,7 +102,7 @@ def test_notify_success_to_a_local_mailbox_and_a_local_list(e2e_server, sinks, c
 
 def test_notify_delay_gives_one_delay_notice(e2e_server, sinks, certs) -> None:
     sink = sinks.start(behaviour=Behaviour(rcpt={"slow@normal.test": b"451 4.7.1 try later"}))
-    server = e2e_server()
+    server = e2e_server({"smtp": {"spool": {"delayWarningSeconds": 0}}})
     submit(server, certs, "carol@localhost", ["slow@normal.test"], message("delay"),
            rcpt_options=("NOTIFY=DELAY",))
     [raw] = server.pump(lambda: server.messages("carol"), message="the delay notice")
@@ -121,6 +121,31 @@ def test_notify_delay_gives_one_delay_notice(e2e_server, sinks, certs) -> None:
                     message=f"entry deferred after attempt {n + 1}")
     server.settle()
     assert len(server.messages("carol")) == 1, "the delay notice was sent more than once"
+
+
+def test_delay_notice_waits_for_delay_warning_seconds(e2e_server, sinks, certs) -> None:
+    """A deferral of a young message (greylisting) sends no delay notice; the first deferral
+    once the message is delayWarningSeconds old does, once; the give-up bounces as usual."""
+    sink = sinks.start(behaviour=Behaviour(rcpt={"slow@normal.test": b"451 4.7.1 try later"}))
+    server = e2e_server({"smtp": {"spool": {"delayWarningSeconds": 100}}})
+    submit(server, certs, "carol@localhost", ["slow@normal.test"], message("delay"))
+    ages = []
+    for n in (1, 2, 3):  # maxRetries 3: attempts at ~0, ~60 and ~180 s are deferrals
+        server.pump(lambda n=n: [e for e in server.entries() if e["attempts"] == n],
+                    message=f"entry deferred after attempt {n}")
+        server.settle()
+        [entry] = server.entries()
+        ages.append(server.now() - entry["created"])
+        if ages[-1] < 100:
+            assert server.messages("carol") == [], f"a notice at age {ages[-1]:.0f}s"
+        server.advance(entry["next_attempt"] - server.now())
+    assert ages[0] < 100 <= ages[-1], ages
+    [notice] = server.pump(lambda: server.messages("carol"), message="the delay notice")
+    assert Dsn(notice).one("Action") == "delayed"
+    server.pump(lambda: not server.entries(), message="the give-up after attempt 4")
+    bounced = server.pump(lambda: server.messages("carol")[1:], message="the failure notice")
+    assert [Dsn(raw).one("Action") for raw in bounced] == ["failed"]
+    assert len(sink.sessions) == 4
 
 
 def test_a_failing_dsn_never_produces_another(e2e_server, sinks, certs) -> None:

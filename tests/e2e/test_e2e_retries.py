@@ -12,7 +12,7 @@ MAX_RETRIES = 3  # spool.maxRetries in e2e_support
 
 def test_transient_failure_retried_on_schedule_then_bounced(e2e_server, sinks, certs) -> None:
     sink = sinks.start(behaviour=Behaviour(rcpt={"soft@normal.test": b"451 4.2.1 mailbox busy"}))
-    server = e2e_server()
+    server = e2e_server({"smtp": {"spool": {"delayWarningSeconds": 0}}})
     submit(server, certs, "carol@localhost", ["ok@normal.test", "soft@normal.test"],
            message("retry schedule"))
 
@@ -32,7 +32,8 @@ def test_transient_failure_retried_on_schedule_then_bounced(e2e_server, sinks, c
     assert [t.rcpts for t in sink.transactions] == [["RCPT TO:<ok@normal.test>"]]
     assert [r["address"] for r in first["pending"]] == ["soft@normal.test"]
 
-    # A delay notice (default NOTIFY = FAILURE,DELAY) arrives once, after the first attempt.
+    # A delay notice (default NOTIFY = FAILURE,DELAY) arrives once, after the first attempt
+    # (delayWarningSeconds 0).
     notices = server.pump(lambda: server.messages("carol"), message="the delay notice")
     delayed = Dsn(notices[0])
     assert delayed.one("Action") == "delayed"

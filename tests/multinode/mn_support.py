@@ -247,6 +247,8 @@ def node_overrides(name: str, redis: RedisServer, prefix: str, sink_port: int, *
         "redis": {"url": redis.url, "connectTimeoutMs": 2000},
         "spool": {"type": "redis", "workerConcurrency": concurrency,
                   "retryDelaySeconds": retry_delay, "maxRetries": 50,
+                  # delay notices at the first deferral: these tests count on those DSNs
+                  "delayWarningSeconds": 0,
                   "redis": {"keyPrefix": prefix, "lockTtlSeconds": lock_ttl}},
         "relay": {"enabled": True, "requireAuthForRelay": False,
                   "allowedClientCidrs": ["127.0.0.0/8"],

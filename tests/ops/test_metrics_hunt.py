@@ -768,7 +768,8 @@ def test_transient_failure_schedules_one_retry_and_keeps_the_entry_pending(
         make_service: Callable[..., Srv], sink: tuple[SinkFactory, int]) -> None:
     factory, port = sink
     factory.behaviour.rcpt["later@remote.test"] = b"451 4.2.1 mailbox busy"
-    srv = make_service(relay_to(port, maxRetries=5, retryDelaySeconds=60))
+    srv = make_service(relay_to(port, maxRetries=5, retryDelaySeconds=60,
+                                delayWarningSeconds=0))
     before = srv.scrape()
     send(srv.port, "alice@localhost", ["later@remote.test"])
     after = srv.wait_scrape(lambda m: delta(m, before, "smtp_spool_retry_scheduled_total") >= 1,
@@ -784,7 +785,8 @@ def test_transient_failure_schedules_one_retry_and_keeps_the_entry_pending(
     assert delta(after, before, "smtp_spool_retry_delay_seconds_bucket", le="30.0") == 0
     assert delta(after, before, "smtp_spool_retry_delay_seconds_bucket", le="120.0") == 1
     # The message is neither completed nor dropped; its delay notice (NOTIFY defaults to
-    # FAILURE,DELAY) is delivered to alice and completes.
+    # FAILURE,DELAY; delayWarningSeconds 0: at the first deferral) is delivered to alice and
+    # completes.
     notices = wait_until(lambda: srv.mailbox("alice"), message="the delay notice")
     after = srv.wait_scrape(lambda m: delta(m, before, "smtp_spool_completed_total") >= 1,
                             "the notice completed")
