@@ -498,9 +498,11 @@ class SMTPServerProtocol(smtp.ESMTP):
         if self._producing:
             self._producing = False
             self._out_blocked = False
-            t = self.transport
-            if t is not None and getattr(t, "producer", None) is self:
-                t.unregisterProducer()
+            # Plain TCP holds us itself; after STARTTLS or on an implicit-TLS listener the TLS
+            # layer holds us behind its own wrapper (the TCP transport's ``producer`` is that
+            # wrapper), and either transport's unregisterProducer reaches the right one.
+            if self.transport is not None:
+                self.transport.unregisterProducer()
 
     def _update_reading(self) -> None:
         """Stop reading while much input waits unprocessed: behind a command in progress, or
