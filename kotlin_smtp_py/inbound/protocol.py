@@ -245,8 +245,16 @@ class HeaderFixer:
         if self._held is None:
             return
         held, self._held = bytes(self._held), None
-        end = held.find(b"\r\n\r\n")
-        head = held if end < 0 else held[:end + 2]
+        if held.startswith(b"\r\n"):  # no header section: the body's first lines are no fields
+            head, rest = b"", held
+        else:
+            end = held.find(b"\r\n\r\n")
+            head, rest = (held, b"") if end < 0 else (held[:end + 2], held[end + 2:])
+        if b"return-path:" in head.lower():
+            # Return-Path is the final delivery's to write (RFC 5321 §4.4); one a client put
+            # in is forged or stale: dropped, as Postfix (message_drop_headers) and Exim do.
+            head = _drop_fields(head, b"return-path:")
+            held = head + rest
         lines = [ln.lower() for ln in head.split(b"\r\n")]
         self.hops = sum(1 for ln in lines if ln.startswith(b"received:"))
         extra = b""
@@ -260,6 +268,37 @@ class HeaderFixer:
         if not partial and not any(ln.startswith(b"date:") for ln in lines):
             extra += b"Date: " + formatdate(localtime=False, usegmt=True).encode("ascii") + b"\r\n"
         self._writer.write(self._received + extra + held)
+
+
+def _drop_fields(head: bytes, name: bytes) -> bytes:
+    """``head`` without the fields called ``name`` (lower case, with the colon) and their
+    continuation lines."""
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.split(b"\r\n"):
+        if dropping and line[:1] in (b" ", b"\t"):
+            continue
+        dropping = line[:len(name)].lower() == name
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept)
+
+
+# Characters that would change a Received: field's syntax (comments, the ";" before the date,
+# quoting, spaces) if a client's HELO name carried them: replaced by "?", as Postfix does.
+_TRACE_UNSAFE = re.compile(r'[\s<>()";@\\]')
+
+
+def trace_name(helo: str, utf8: bool) -> str:
+    """The client's HELO name as written into our Received: field. A UTF-8 name goes in as
+    A-labels unless the transaction is SMTPUTF8 (a raw UTF-8 header would make a 7-bit
+    message 8-bit behind the sender's back)."""
+    if not utf8 and not helo.isascii():
+        try:
+            helo = helo.encode("idna").decode("ascii")
+        except UnicodeError:
+            helo = helo.encode("ascii", "replace").decode("ascii")
+    return _TRACE_UNSAFE.sub("?", helo)
 
 
 @implementer(IHandshakeListener)
@@ -1196,7 +1235,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                             f"{conn.get_cipher_name()})")
             except Exception:
                 pass
-        who = f"{self._helo_name} ([{self.peer_ip}])"
+        who = f"{trace_name(self._helo_name or '', tx.smtputf8)} ([{self.peer_ip}])"
         if self._auth_user:
             who += " (authenticated)"
         rcpt = f"\r\n\tfor <{tx.recipients[0].address}>" if len(tx.recipients) == 1 else ""

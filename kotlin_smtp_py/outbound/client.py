@@ -346,6 +346,8 @@ class OutboundMessage:
     eight_bit: bool = False
     ret: str | None = None
     envid: str | None = None
+    smtputf8: bool = False  # received with SMTPUTF8: passed on where the next hop offers it
+    utf8_headers: bool = False  # ... and its header fields are UTF-8 (RFC 6532)
 
 
 @dataclass(frozen=True)
@@ -727,13 +729,19 @@ class ClientSession:
             raise self._fail(Reason.MESSAGE, f"message has 8-bit content but "
                              f"{self.target.name} does not support 8BITMIME", "5.6.3",
                              try_next=False, permanent=True)
-        need = _needs_utf8(msg.sender) or any(_needs_utf8(r.address) for r in msg.recipients)
-        if not need or "SMTPUTF8" in ext:
-            return {}, need
+        # RFC 6531 §3.4: UTF-8 in the envelope or in header fields needs a server with
+        # SMTPUTF8 (no downgrade here, as Postfix); a message received with SMTPUTF8 keeps
+        # the parameter wherever it is offered.
+        need = _needs_utf8(msg.sender) or msg.utf8_headers or \
+            any(_needs_utf8(r.address) for r in msg.recipients)
+        if "SMTPUTF8" in ext:
+            return {}, need or msg.smtputf8
+        if not need:
+            return {}, False
         text = f"{self.target.name} does not support SMTPUTF8"
         status = DeliveryStatus.permanent_failure(Reason.MESSAGE, text, "5.6.7", 553,
                                                   self.target.name, f"x-smtp; {text}")
-        if _needs_utf8(msg.sender):
+        if _needs_utf8(msg.sender) or msg.utf8_headers:
             raise _HostFailure(status, try_next=False)
         return {r: status for r in msg.recipients if _needs_utf8(r.address)}, False
 

@@ -50,6 +50,16 @@ MAX_TARGETS = 10  # sessions tried per next hop and attempt (MX hosts × address
 Results = list[tuple[Recipient, DeliveryStatus]]
 
 
+def _header_block(path: str, limit: int = 65536) -> bytes:
+    """The message's header section (at most ``limit`` bytes; only read for SMTPUTF8 mail)."""
+    with open(path, "rb") as fh:
+        head = fh.read(limit)
+    if head.startswith(b"\r\n"):
+        return b""
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[:end]
+
+
 @implementer(IDelivery)
 class RelayDelivery:
     """Delivers to remote hosts; construct with ``RelayDelivery.from_config(config, reactor)``."""
@@ -150,7 +160,8 @@ class RelayDelivery:
             sender=env.sender, recipients=tuple(recipients), path=message_path,
             size=os.stat(message_path).st_size,
             eight_bit=env.body.upper() in ("8BITMIME", "BINARYMIME"),
-            ret=env.ret, envid=env.envid)
+            ret=env.ret, envid=env.envid, smtputf8=env.smtputf8,
+            utf8_headers=env.smtputf8 and not _header_block(message_path).isascii())
         planned = await self._plan(hop, targets, env.requiretls, message_path)
         if isinstance(planned, DeliveryStatus):
             self._log_results(entry, hop, [(r, planned) for r in recipients])
