@@ -683,6 +683,20 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
                   "smtp.sentArchive.mode", p)
     _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
     _check_choice(s.rateLimit.backend, ("local", "redis"), "smtp.rateLimit.backend", p)
+    if s.redis is None:  # (else twistd refused to start what check-config called OK)
+        if s.rateLimit.backend == "redis":
+            p.append("smtp.rateLimit.backend: 'redis' requires an smtp.redis section")
+        if s.auth.rateLimitEnabled and s.auth.rateLimitBackend == "redis":
+            p.append("smtp.auth.rateLimitBackend: 'redis' requires an smtp.redis section")
+    if s.rateLimit.redis.connectionCounterTtlSeconds < 3:  # its heartbeat runs every ttl/3
+        p.append("smtp.rateLimit.redis.connectionCounterTtlSeconds: must be at least 3, got "
+                 f"{s.rateLimit.redis.connectionCounterTtlSeconds}")
+    if s.auth.rateLimitEnabled:
+        for key, value in (("smtp.auth.rateLimitWindowSeconds", s.auth.rateLimitWindowSeconds),
+                           ("smtp.auth.rateLimitLockoutSeconds",
+                            s.auth.rateLimitLockoutSeconds)):
+            if value <= 0:
+                p.append(f"{key}: must be positive, got {value}")
     _check_choice(s.relay.outboundPolicy.dane.mode, ("rfc7672", "basic"),
                   "smtp.relay.outboundPolicy.dane.mode", p)
     _check_port(s.relay.outboundPolicy.mtaSts.httpsPortOverride,

@@ -39,7 +39,7 @@ from zope.interface import Interface, implementer
 
 from kotlin_smtp_py.config import Config
 from kotlin_smtp_py.netutil import CidrSet
-from kotlin_smtp_py.redisconn import LuaScript, RedisClient
+from kotlin_smtp_py.redisconn import LuaScript, RedisClient, RedisTimedOut
 
 log = Logger()
 
@@ -350,7 +350,18 @@ class RedisConnectionLimiter:
                 return True
             return False
 
-        return d.addCallbacks(done, _fail_open("acquire", True))
+        def timed_out(failure: Any) -> Any:
+            # The script may still run once Redis answers (a slow server): count the
+            # connection as ours, so that its release undoes that increment; a count never
+            # released kept the IP at its limit for counter_ttl_seconds (and longer while it
+            # kept connecting). Should the script never have run, the release under-counts
+            # by one until this node's counts for the IP reach zero (fail open, as here).
+            failure.trap(RedisTimedOut)
+            self._counted[ip] = self._counted.get(ip, 0) + 1
+            self._ensure_heartbeat()
+            return failure
+
+        return d.addCallbacks(done, timed_out).addErrback(_fail_open("acquire", True))
 
     def release(self, ip: str) -> None:
         n = self._counted.get(ip, 0)

@@ -57,6 +57,10 @@ class RedisUnavailable(BackendUnavailable):
     """Redis cannot be reached right now (not connected, connection lost, or deadline passed)."""
 
 
+class RedisTimedOut(RedisUnavailable):
+    """A command's deadline passed: it may still run on the server (a reply lost or late)."""
+
+
 class RedisAuthRefused(RedisUnavailable):
     """Redis refused our credentials (WRONGPASS/NOAUTH): a configuration error, not an
     outage (a server keeps retrying either way; a one-shot command should not)."""
@@ -342,7 +346,7 @@ class RedisClient:
 
         def translate(failure: Any) -> Any:
             if failure.check(defer.TimeoutError, defer.CancelledError):
-                raise RedisUnavailable(f"redis {what} timed out after {timeout:g}s")
+                raise RedisTimedOut(f"redis {what} timed out after {timeout:g}s")
             if failure.check(txredisapi.ConnectionError):
                 raise RedisUnavailable(f"redis {what} failed: {failure.getErrorMessage()}")
             return failure

@@ -22,7 +22,8 @@ Invariants:
 - Shared state lives outside the processes: the file spool is multi-process safe (flock leases,
   periodic rescan), metrics go to ``prometheus_client`` multiprocess files in a private
   directory that only the parent renders, and local rate limits are split evenly (each process
-  enforces ``ceil(limit / workers)``; use the redis backend for exact limits).
+  enforces ``limit // workers``, at least 1, so together they never allow more than the
+  limit; use the redis backend for exact limits).
 - Workers never outlive the parent: ``PR_SET_PDEATHSIG`` delivers SIGTERM when it dies, and a
   1 s ``getppid`` check covers the rest. SIGTERM to the parent is forwarded to the workers; the
   parent exits after they have drained (SIGKILL after the grace period plus 5 s).
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import shutil
 import signal
@@ -128,17 +128,24 @@ def remove_stale_metrics_dirs(base: str | None = None) -> int:
     return removed
 
 
+def _share(limit: int, count: int) -> int:
+    """One process's share of a limit: rounded down, so the processes together never allow
+    more than the limit (SO_REUSEPORT spreads one client over all of them); at least 1, so a
+    limit below the process count allows up to ``count``. 0 or less (no limit) stays."""
+    return limit if limit <= 0 else max(1, limit // count)
+
+
 def split_local_limits(config: Any, count: int) -> Any:
-    """The config with local rate limits divided between ``count`` processes (rounded up)."""
+    """The config with local rate limits divided between ``count`` processes."""
     if count <= 1:
         return config
     s = config.smtp
     rl, auth = s.rateLimit, s.auth
     if rl.backend == "local":
-        rl = replace(rl, maxConnectionsPerIp=math.ceil(rl.maxConnectionsPerIp / count),
-                     maxMessagesPerIpPerHour=math.ceil(rl.maxMessagesPerIpPerHour / count))
+        rl = replace(rl, maxConnectionsPerIp=_share(rl.maxConnectionsPerIp, count),
+                     maxMessagesPerIpPerHour=_share(rl.maxMessagesPerIpPerHour, count))
     if auth.rateLimitBackend == "local":
-        auth = replace(auth, rateLimitMaxFailures=math.ceil(auth.rateLimitMaxFailures / count))
+        auth = replace(auth, rateLimitMaxFailures=_share(auth.rateLimitMaxFailures, count))
     return replace(config, smtp=replace(s, rateLimit=rl, auth=auth))
 
 

@@ -52,6 +52,7 @@ from kotlin_smtp_py.inbound.framing import (
 from kotlin_smtp_py.inbound.policy import SessionInfo
 from kotlin_smtp_py.interfaces import ISpoolWriter, IWriterHint
 from kotlin_smtp_py.log import debug_enabled
+from kotlin_smtp_py.netutil import parse_ip
 from kotlin_smtp_py.plugins import DROP, CommandContext, Stage
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.status import SmtpReply
@@ -367,6 +368,12 @@ class SMTPServerProtocol(smtp.ESMTP):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)  # (a getattr default would render str(peer) always)
         self.peer_ip = host if host is not None else str(peer)
+        if self.peer_ip[:7].lower() == "::ffff:":
+            # ::ffff:192.0.2.1 (a dual-stack listener, a PROXY TCP6 header) is 192.0.2.1:
+            # one client, one entry in the limits, logs and Received:, as Postfix writes it.
+            mapped = parse_ip(self.peer_ip)
+            if mapped is not None and mapped.version == 4:
+                self.peer_ip = str(mapped)
         self.peer_port = int(getattr(peer, "port", 0))
         self._started = time.monotonic()
         self.canStartTLS = ITLSTransport.providedBy(self.transport) and \
