@@ -12,9 +12,11 @@ connection and the smallest possible per-command Python. ``--store fsync`` write
 to its own file and fsyncs it before the 250 (inline on the reactor thread; no directory
 fsync), the least that issue #7's "every 250 fsync'd" allows. ``--store syncfs`` writes the
 files unsynced and answers a reactor turn's messages after one ``syncfs(2)`` (group commit
-through the file system; measured slower here: it flushes every dirty inode of the file system). Whatever the product does costs
-on top of these figures, so a target above them is out of reach for this design on this
-hardware. Loopback only; every wait is bounded.
+through the file system; measured slower here: it flushes every dirty inode of the file system).
+``--store journal`` appends a turn's messages to one file per process and answers them after one
+``fdatasync(2)``: a spool that is a log instead of a file per message. Whatever the product
+does costs on top of these figures, so a target above them is out of reach for that design on
+this hardware. Loopback only; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -69,16 +71,23 @@ def serve(port: int, store: str, directory: Path) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
     dir_fd = os.open(directory, os.O_RDONLY)
 
+    journal = os.open(directory / f"journal-{os.getpid()}", os.O_WRONLY | os.O_CREAT
+                      | os.O_APPEND, 0o600) if store == "journal" else -1
+
     def sync_turn() -> None:
         batch = pending[:]
         del pending[:]
-        if libc.syncfs(dir_fd) != 0:
+        if store == "journal":
+            os.fdatasync(journal)
+        elif libc.syncfs(dir_fd) != 0:
             raise OSError(ctypes.get_errno(), "syncfs")
         for transport, reply in batch:
             transport.write(reply)
 
     def keep(message: bytes) -> None:
-        if store == "syncfs":
+        if store == "journal":
+            os.write(journal, message)
+        elif store == "syncfs":
             fd = os.open(directory / f"{os.getpid()}-{count[0]}.eml",
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -117,8 +126,8 @@ def serve(port: int, store: str, directory: Path) -> None:
                     keep(bytes(self.body[2:i + 2]))
                     buf = bytes(self.body[i + 5:])
                     self.body = None
-                    if store == "syncfs":
-                        # The 250 waits for the turn's one syncfs (group commit).
+                    if store in ("syncfs", "journal"):
+                        # The 250 waits for the turn's one sync (group commit).
                         if out:
                             self.out.write(b"".join(out))
                             out = []
@@ -237,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--body-bytes", type=int, default=4096)
     ap.add_argument("--persistent", action="store_true")
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--store", choices=("none", "fsync", "syncfs"), default="none")
+    ap.add_argument("--store", choices=("none", "fsync", "syncfs", "journal"),
+                    default="none")
     ap.add_argument("--compare-postfix", action="store_true")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=600.0)
