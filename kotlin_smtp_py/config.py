@@ -165,6 +165,8 @@ class RateLimitConfig:
     maxMessagesPerIpPerHour: int = 100
     # Like Postfix's smtpd_client_event_limit_exceptions ($mynetworks): local clients are exempt.
     exemptCidrs: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # IPv6 clients are counted per network of this many bits (Postfix 3.8's default 84).
+    ipv6PrefixLength: int = 84
     redis: RateLimitRedisConfig = field(default_factory=RateLimitRedisConfig)
 
 
@@ -688,6 +690,9 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
             p.append("smtp.rateLimit.backend: 'redis' requires an smtp.redis section")
         if s.auth.rateLimitEnabled and s.auth.rateLimitBackend == "redis":
             p.append("smtp.auth.rateLimitBackend: 'redis' requires an smtp.redis section")
+    if not 1 <= s.rateLimit.ipv6PrefixLength <= 128:
+        p.append("smtp.rateLimit.ipv6PrefixLength: must be between 1 and 128, got "
+                 f"{s.rateLimit.ipv6PrefixLength}")
     if s.rateLimit.redis.connectionCounterTtlSeconds < 3:  # its heartbeat runs every ttl/3
         p.append("smtp.rateLimit.redis.connectionCounterTtlSeconds: must be at least 3, got "
                  f"{s.rateLimit.redis.connectionCounterTtlSeconds}")

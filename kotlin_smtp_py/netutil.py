@@ -21,6 +21,21 @@ def parse_ip(text: str) -> IPAddress | None:
     return ip
 
 
+def client_key(ip_text: str, ipv6_prefix: int = 128) -> str:
+    """The name a client is counted under by the per-IP limits: an IPv4 address as it is, an
+    IPv6 address as its /``ipv6_prefix`` network (``2001:db8::/84``), since one IPv6 customer
+    holds a whole /64 or more and would otherwise get a fresh budget per address (Postfix's
+    ``smtpd_client_ipv6_prefix_length``)."""
+    if ":" not in ip_text or ipv6_prefix >= 128:
+        return ip_text
+    ip = parse_ip(ip_text)
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip_text
+    net = ipaddress.IPv6Network((int(ip) >> (128 - ipv6_prefix) << (128 - ipv6_prefix),
+                                 ipv6_prefix))
+    return str(net)
+
+
 class CidrSet:
     """A set of networks; ``contains(ip_text)`` is False for anything that is not an address."""
 

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from kotlin_smtp_py.config import Config
-from kotlin_smtp_py.netutil import CidrSet
+from kotlin_smtp_py.netutil import CidrSet, client_key
 from kotlin_smtp_py.redisconn import LuaScript, RedisClient, RedisTimedOut
 
 log = Logger()
@@ -507,34 +507,62 @@ def make_limiters(config: Config, redis: RedisClient | None = None,
 
 
 class _Exempt:
-    """Clients in ``smtp.rateLimit.exemptCidrs`` (default: loopback) are never limited."""
+    """Clients in ``smtp.rateLimit.exemptCidrs`` (default: loopback) are never limited; the
+    others are counted by :func:`netutil.client_key` (IPv6 by ``ipv6PrefixLength`` network)."""
 
-    def __init__(self, networks: list[str]) -> None:
+    def __init__(self, networks: list[str], ipv6_prefix: int = 128) -> None:
         self._exempt = CidrSet(networks)
+        self.ipv6_prefix = ipv6_prefix
 
     def exempt(self, ip: str) -> bool:
         return self._exempt.contains(ip)
 
+    def key(self, ip: str) -> str:
+        return client_key(ip, self.ipv6_prefix)
+
 
 @implementer(IConnectionLimiter)
 class ExemptingConnectionLimiter(_Exempt):
-    def __init__(self, inner: IConnectionLimiter, networks: list[str]) -> None:
-        super().__init__(networks)
+    def __init__(self, inner: IConnectionLimiter, networks: list[str],
+                 ipv6_prefix: int = 128) -> None:
+        super().__init__(networks, ipv6_prefix)
         self.inner = inner
 
     def acquire(self, ip: str) -> Any:
-        return defer.succeed(True) if self.exempt(ip) else self.inner.acquire(ip)
+        return defer.succeed(True) if self.exempt(ip) else self.inner.acquire(self.key(ip))
 
     def release(self, ip: str) -> None:
         if not self.exempt(ip):
-            self.inner.release(ip)
+            self.inner.release(self.key(ip))
 
 
 @implementer(IMessageRateLimiter)
 class ExemptingMessageRateLimiter(_Exempt):
-    def __init__(self, inner: IMessageRateLimiter, networks: list[str]) -> None:
-        super().__init__(networks)
+    def __init__(self, inner: IMessageRateLimiter, networks: list[str],
+                 ipv6_prefix: int = 128) -> None:
+        super().__init__(networks, ipv6_prefix)
         self.inner = inner
 
     def allow_message(self, ip: str) -> Any:
-        return defer.succeed(True) if self.exempt(ip) else self.inner.allow_message(ip)
+        return defer.succeed(True) if self.exempt(ip) else \
+            self.inner.allow_message(self.key(ip))
+
+
+@implementer(IAuthFailureLimiter)
+class PrefixAuthFailureLimiter:
+    """The AUTH lockout with IPv6 clients counted by network, like the other limits (a
+    guesser rotating through its /64 met a fresh failure count at every address)."""
+
+    def __init__(self, inner: IAuthFailureLimiter, ipv6_prefix: int) -> None:
+        self.inner = inner
+        self.ipv6_prefix = ipv6_prefix
+        self.max_failures = getattr(inner, "max_failures", 0)  # (the session's in-flight cap)
+
+    def is_locked(self, ip: str, username: str | None) -> Any:
+        return self.inner.is_locked(client_key(ip, self.ipv6_prefix), username)
+
+    def record_failure(self, ip: str, username: str | None) -> Any:
+        return self.inner.record_failure(client_key(ip, self.ipv6_prefix), username)
+
+    def reset(self, ip: str, username: str | None) -> Any:
+        return self.inner.reset(client_key(ip, self.ipv6_prefix), username)

@@ -50,6 +50,7 @@ from kotlin_smtp_py.plugins import (
 from kotlin_smtp_py.ratelimit import (
     ExemptingConnectionLimiter,
     ExemptingMessageRateLimiter,
+    PrefixAuthFailureLimiter,
     make_limiters,
 )
 from kotlin_smtp_py.redisconn import RedisClient, RedisHealthIndicator
@@ -434,11 +435,13 @@ class SmtpService(service.MultiService):
         s = c.smtp
         processes = self.cluster.count if self.cluster else 1
         limiters = make_limiters(split_local_limits(c, processes), self.redis, clock=self.reactor)
+        v6 = s.rateLimit.ipv6PrefixLength
         self.connection_limiter = ExemptingConnectionLimiter(limiters.connections,
-                                                             s.rateLimit.exemptCidrs)
+                                                             s.rateLimit.exemptCidrs, v6)
         self.message_limiter = ExemptingMessageRateLimiter(limiters.messages,
-                                                           s.rateLimit.exemptCidrs)
-        self.auth_limiter = limiters.auth
+                                                           s.rateLimit.exemptCidrs, v6)
+        self.auth_limiter = PrefixAuthFailureLimiter(limiters.auth, v6) if v6 < 128 else \
+            limiters.auth
         p = s.plugins
         self.interceptors = None
         if p.commandInterceptors:

@@ -262,6 +262,61 @@ def test_auth_ip_lockout_also_holds_on_a_dual_stack_listener(make_server: Any) -
     assert code == 454, f"same client, seen as {seen_as!r}, logged in"
 
 
+@pytest.mark.parametrize(("prefix", "shared"), [(None, True), (128, False)])
+def test_ipv6_clients_are_counted_by_network(make_server: Any, prefix: int | None,
+                                             shared: bool) -> None:
+    """Two addresses of one IPv6 /84 (smtp.rateLimit.ipv6PrefixLength, default 84, Postfix's
+    smtpd_client_ipv6_prefix_length) share one connection slot; another /84 has its own.
+    With 128 every address counts alone (an IPv6 client used to get a fresh budget at each
+    address of its /64)."""
+    rate: dict[str, Any] = {"maxConnectionsPerIp": 1, **NO_EXEMPT}
+    if prefix is not None:
+        rate["ipv6PrefixLength"] = prefix
+    srv = make_server({"smtp": {"listeners": [{**LISTENER, "proxyProtocol": True}],
+                                "rateLimit": rate}})
+    a = proxied(srv.port, "2001:db8:1:2:3:4:5:6", "TCP6")
+    try:
+        assert first_code(a) == 220
+        neighbour = code_once(proxied(srv.port, "2001:db8:1:2:3:fff::7", "TCP6", 40001))
+        other = code_once(proxied(srv.port, "2001:db8:1:2:4::1", "TCP6", 40002))
+    finally:
+        a.close()
+    assert neighbour == (421 if shared else 220)
+    assert other == 220  # another /84 (and another /128)
+
+
+def test_auth_lockout_holds_across_an_ipv6_network(make_server: Any) -> None:
+    """A guesser rotating through the addresses of its network meets one failure count."""
+    srv = make_server({"smtp": {
+        "listeners": [{**LISTENER, "proxyProtocol": True, "allowPlaintextAuth": True}],
+        "auth": {"users": {"carol": "right-pass", "dave": "dave-pass"}, "failureDelayMs": 0,
+                 "rateLimitMaxFailures": 3}}})
+    answers = []
+    for i in range(5):  # five guesses for dave, each from another address of one /84
+        c = proxied(srv.port, f"2001:db8:7::{i + 1:x}", "TCP6", 41000 + i)
+        try:
+            greet(c)
+            answers.append(c.cmd(plain("dave", f"guess-{i}"))[0])
+        finally:
+            c.close()
+    # max 3: two refusals, the third failure locks (answered 454), then locked
+    assert answers == [535, 535, 454, 454, 454], answers
+    # carol (another user) from yet another address of that network: the IP lock holds ...
+    c = proxied(srv.port, "2001:db8:7::99", "TCP6", 41010)
+    try:
+        greet(c)
+        assert c.cmd(plain("carol", "right-pass"))[0] == 454
+    finally:
+        c.close()
+    # ... and a client of another network is not affected
+    c = proxied(srv.port, "2001:db8:8::1", "TCP6", 41011)
+    try:
+        greet(c)
+        assert c.cmd(plain("carol", "right-pass"))[0] == 235
+    finally:
+        c.close()
+
+
 # == Redis backend ============================================================================
 
 
@@ -484,15 +539,22 @@ def test_workers_never_accept_more_messages_per_ip_than_the_limit(
 def test_workers_auth_lockout_holds_on_every_process(two_workers: tuple[int, Any]) -> None:
     """With two processes and the local backend each process locks an IP after its share of
     rateLimitMaxFailures (3 // 2 = 1; was ceil: 2 each, 4 in all), so a client spreading its
-    guesses over both gets no more than 3 passwords checked (535); the rest are refused
-    unchecked (454) however many connections it makes."""
-    port, _ = two_workers
+    guesses over both gets no more than 3 passwords checked; the rest are refused unchecked
+    (454) however many connections it makes."""
+    port, mta = two_workers
     answers = []
     for i in range(12):  # wrong passwords, on connections the kernel spreads over both
         (code,) = _session(port, [plain("carol", f"wrong-{i}")])
         answers.append(code)
     assert set(answers) <= {535, 454}, answers
-    assert answers.count(535) <= 3, f"more passwords checked than the limit: {answers}"
+
+    def checked() -> int:  # one event=auth_failure line per password checked and refused
+        return mta.log().count("authentication failed for carol")
+
+    # (the failure that locks is answered 454 too: the log is what counts checks)
+    wait_until(lambda: checked() >= answers.count(535) + 1, timeout=10,
+               message="the failures logged")
+    assert checked() <= 3, f"{checked()} passwords checked, limit 3: {answers}"
 
 
 def _commands_processed(port: int) -> int:
@@ -600,7 +662,7 @@ def _v6_client(port: int) -> Client:
 
 
 @pytest.mark.parametrize("exempt", [True, False], ids=["default-exempt", "limited"])
-def test_ipv6_loopback_client_is_exempt_by_default_and_limited_as_itself_otherwise(
+def test_ipv6_loopback_client_is_exempt_by_default_and_limited_otherwise(
         make_server: Any, exempt: bool) -> None:
     rate: dict[str, Any] = {"maxConnectionsPerIp": 1, "maxMessagesPerIpPerHour": 1}
     if not exempt:
@@ -617,7 +679,8 @@ def test_ipv6_loopback_client_is_exempt_by_default_and_limited_as_itself_otherwi
     assert a.cmd("MAIL FROM:<a@remote.test>")[0] == (250 if exempt else 451)
     if not exempt:
         limiter: Any = srv.service.connection_limiter.inner
-        assert on_reactor(lambda: limiter.open_count("::1")) == 1
+        # counted under its /84 network (smtp.rateLimit.ipv6PrefixLength)
+        assert on_reactor(lambda: limiter.open_count("::/84")) == 1
     a.close()
     b.close()
 
