@@ -22,7 +22,7 @@ EX_TEMPFAIL = 75
 DEFAULT_CONFIG = os.environ.get("KOTLIN_SMTP_CONFIG", "/etc/kotlin-smtp/config.yaml")
 
 
-def _load(path: str, create_dirs: bool = True) -> cfg.Config:
+def _load(path: str, create_dirs: cfg.DirMode = True) -> cfg.Config:
     try:
         return cfg.load(path, create_dirs=create_dirs)
     except cfg.ConfigError as exc:
@@ -31,7 +31,7 @@ def _load(path: str, create_dirs: bool = True) -> cfg.Config:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.file)
+    config = _load(args.file, create_dirs="check")  # (creates nothing: the server will)
     print(cfg.dump_effective(config), end="")
     for warning in cfg.warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
@@ -50,8 +50,13 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
             print("the password is not UTF-8 text", file=sys.stderr)
             return 2
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nno password given", file=sys.stderr)
+            return 2
+        if again != password:
             print("passwords do not match", file=sys.stderr)
             return 2
     if not password:

@@ -397,7 +397,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^}]*))?\}")
 T = TypeVar("T")
 
 
@@ -405,19 +404,58 @@ def yaml_key(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("key", f.name))
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def _expand(text: str, path: str, problems: list[str], env: typing.Mapping[str, str]) -> str:
+    """``${NAME}`` / ``${NAME:default}`` in ``text``; a default may hold placeholders of its
+    own (``${A:${B:x}}``: A, else B, else x), braces balanced as Spring does."""
+    if "${" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while True:
+        j = text.find("${", i)
+        if j < 0:
+            out.append(text[i:])
+            break
+        m = _NAME.match(text, j + 2)
+        k = m.end() if m else j + 2
+        if m is None or k >= len(text) or text[k] not in ":}":
+            out.append(text[i:k])  # not a placeholder: literal text
+            i = k
+            continue
+        default: str | None = None
+        if text[k] == "}":
+            end = k + 1
+        else:
+            depth, q = 1, k + 1
+            while q < len(text) and depth:
+                if text.startswith("${", q):
+                    depth, q = depth + 1, q + 2
+                    continue
+                depth -= text[q] == "}"
+                q += 1
+            if depth:  # unbalanced: the rest is literal text
+                out.append(text[i:])
+                break
+            default, end = text[k + 1:q - 1], q
+        out.append(text[i:j])
+        name = m.group(0)
+        if name in env:
+            out.append(env[name])
+        elif default is None:
+            problems.append(f"{path}: environment variable {name} is not set and has no default")
+        else:
+            out.append(_expand(default, path, problems, env))
+        i = end
+    return "".join(out)
+
+
 def _resolve_placeholders(value: Any, path: str, problems: list[str],
                           env: typing.Mapping[str, str]) -> Any:
     if isinstance(value, str):
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
-            if default is None:
-                problems.append(
-                    f"{path}: environment variable {name} is not set and has no default")
-                return ""
-            return default
-        return _PLACEHOLDER.sub(sub, value)
+        return _expand(value, path, problems, env)
     if isinstance(value, dict):
         return {k: _resolve_placeholders(v, f"{path}.{k}" if path else str(k), problems, env)
                 for k, v in value.items()}
@@ -438,8 +476,12 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return _build(tp, value, path, problems)  # type: ignore[arg-type]
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str) and not dataclasses.is_dataclass(item_tp):
+        if value is None:  # a key whose items are all commented out
+            value = []
+        elif isinstance(value, str) and not dataclasses.is_dataclass(item_tp):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not dataclasses.is_dataclass(item_tp):
+            value = [value]  # one item given without the list (ports: 587)
         if not isinstance(value, list):
             problems.append(f"{path}: expected a list, got {type(value).__name__}")
             return []
@@ -448,7 +490,15 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return {}
-        return {str(k): str(v) for k, v in value.items()}
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if v is None or isinstance(v, (bool, dict, list)):
+                # (``alice:`` with no value became the password "None")
+                problems.append(f"{path}.{k}: expected a string, got "
+                                f"{'nothing' if v is None else repr(v)} (quote it)")
+                continue
+            out[str(k)] = str(v)
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -544,31 +594,70 @@ def _expand_dotted(data: dict[Any, Any], fields: dict[str, Any]) -> dict[str, An
 
 
 def load_text(text: str, env: typing.Mapping[str, str] | None = None,
-              create_dirs: bool = True) -> Config:
+              create_dirs: DirMode = True) -> Config:
     """Parse YAML text into a validated :class:`Config` or raise :class:`ConfigError`.
-    ``create_dirs``: create missing storage/spool directories (the server's start-up); the
-    operator commands only check that they exist."""
+    ``create_dirs``: create missing storage/spool directories (True: the server's start-up),
+    only check that they exist (False: operator commands) or that they exist or could be
+    created ("check": check-config)."""
     problems: list[str] = []
     try:
         raw = yaml.safe_load(text) if text.strip() else {}
+        duplicates = list(_duplicate_keys(yaml.compose(text))) if text.strip() else []
     except yaml.YAMLError as exc:
-        raise ConfigError([f"YAML syntax error: {exc}"]) from None
+        raise ConfigError([_yaml_error(exc)]) from None
+    if duplicates:
+        raise ConfigError(duplicates)
     raw = _resolve_placeholders(raw, "", problems, os.environ if env is None else env)
     config = _build(Config, raw, "", problems)
-    if not problems:
-        try:
-            problems.extend(validate(config, create_dirs=create_dirs))
-        except (TypeError, ValueError, AttributeError) as exc:  # a check we got wrong:
-            # still a clear answer and exit code, not a traceback
-            problems.append(f"the configuration could not be checked ({exc}); "
-                            "please report this")
+    # The checks run even when some values were refused (those keys hold their defaults
+    # then), so that one run lists every problem; none repeats a key already named.
+    parse_problems = list(problems)
+    try:
+        checked = validate(config, create_dirs=create_dirs if not parse_problems else "check")
+    except (TypeError, ValueError, AttributeError, OSError) as exc:  # a check we got wrong:
+        # still a clear answer and exit code, not a traceback
+        checked = [] if parse_problems else [
+            f"the configuration could not be checked ({exc}); please report this"]
+    named = {p.split(":", 1)[0] for p in parse_problems}
+    problems.extend(p for p in checked if p.split(":", 1)[0] not in named)
     if problems:
         raise ConfigError(problems)
     return config
 
 
+def _duplicate_keys(node: Any, path: str = "") -> typing.Iterator[str]:
+    """Keys given twice in one mapping, by path: yaml.safe_load keeps the last silently (a
+    second ``smtp:`` section at the end of a file dropped the whole first one). Merge keys
+    (``<<: *defaults``) may still be overridden, as YAML means them to be."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or \
+                    not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                yield f"{key}: duplicate key (lines {seen[key_node.value]} and {line})"
+            seen.setdefault(key_node.value, line)
+            yield from _duplicate_keys(value_node, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{i}]")
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """Where and what, without the offending line: PyYAML quotes it, and a mistyped line is
+    often a password (``alice: Kx9: secret``), which then reached the journal."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = "; ".join(str(t) for t in (getattr(exc, "context", None),
+                                      getattr(exc, "problem", None)) if t)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {what or type(exc).__name__}"
+
+
 def load(path: str, env: typing.Mapping[str, str] | None = None,
-         create_dirs: bool = True) -> Config:
+         create_dirs: DirMode = True) -> Config:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -583,13 +672,29 @@ def load(path: str, env: typing.Mapping[str, str] | None = None,
 # Validation
 
 
-def _writable_dir(path: str, key: str, problems: list[str], create: bool = True) -> None:
+DirMode = bool | typing.Literal["check"]
+
+
+def _writable_dir(path: str, key: str, problems: list[str], create: DirMode = True) -> None:
+    """``create``: True makes a missing directory (the server's start-up), False wants it to
+    exist (operator commands on a spool), "check" wants it to exist or be creatable and
+    creates nothing (check-config: it must not change the system it checks)."""
     if not path:
         problems.append(f"{key}: must be set")
         return
-    if not create:
+    if create == "check" and not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"{key}: directory {path} does not exist and cannot be created "
+                            f"({parent} is not a writable directory)")
+        return
+    if create is not True:
         if not os.path.isdir(path):
             problems.append(f"{key}: directory {path} does not exist")
+        elif create == "check" and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"{key}: directory {path} is not writable")
         return
     try:
         os.makedirs(path, exist_ok=True)
@@ -615,7 +720,7 @@ def is_bcrypt_hash(value: str) -> bool:
     return bool(re.match(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$", value))
 
 
-def validate(config: Config, create_dirs: bool = True) -> list[str]:
+def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
     """Semantic checks; returns the problems found (empty when the config can start)."""
     p: list[str] = []
     s = config.smtp
@@ -674,7 +779,10 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
         readable = True
         for key, path in (("smtp.ssl.certChainFile", s.ssl.certChainFile),
                           ("smtp.ssl.privateKeyFile", s.ssl.privateKeyFile)):
-            if not path or not os.access(path, os.R_OK):
+            if path and os.path.isdir(path):
+                p.append(f"{key}: {path!r} is a directory, not a PEM file")
+                readable = False
+            elif not path or not os.access(path, os.R_OK):
                 p.append(f"{key}: file {path!r} is missing or not readable")
                 readable = False
         if readable:
@@ -685,6 +793,13 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
                   "smtp.sentArchive.mode", p)
     _check_choice(s.auth.rateLimitBackend, ("local", "redis"), "smtp.auth.rateLimitBackend", p)
     _check_choice(s.rateLimit.backend, ("local", "redis"), "smtp.rateLimit.backend", p)
+    if s.redis is not None:  # what twistd and the CLI parse at start: refused here already
+        from kotlin_smtp_py.redisconn import parse_target
+
+        try:
+            parse_target(s.redis)
+        except ValueError as exc:
+            p.append(str(exc))
     if s.redis is None:  # (else twistd refused to start what check-config called OK)
         if s.rateLimit.backend == "redis":
             p.append("smtp.rateLimit.backend: 'redis' requires an smtp.redis section")
@@ -740,7 +855,32 @@ def validate(config: Config, create_dirs: bool = True) -> list[str]:
     _check_choice(config.logging.format, ("text", "json"), "logging.format", p)
     _check_choice(config.logging.level.lower(), ("debug", "info", "warn", "warning", "error"),
                   "logging.level", p)
+    # No duration is negative (a negative DNS timeout deferred every message; 0 means "off"
+    # or "at once" where a key allows it, and those keys say so).
+    p.extend(f"{key}: must not be negative, got {value}"
+             for key, value in _durations(config, "")
+             if value < 0 and not any(q.startswith(f"{key}:") for q in p))
     return p
+
+
+_DURATION_SUFFIXES = ("Ms", "Millis", "Seconds")
+
+
+def _durations(obj: Any, path: str) -> typing.Iterator[tuple[str, float]]:
+    """Every duration key (named ``...Ms``/``...Millis``/``...Seconds``) with its value,
+    inside lists (listeners, routes) too."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _durations(item, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            key = f"{path}.{yaml_key(f)}" if path else yaml_key(f)
+            value = getattr(obj, f.name)
+            if key.endswith(_DURATION_SUFFIXES) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                yield key, value
+            else:
+                yield from _durations(value, key)
 
 
 def _check_pem(cert_path: str, key_path: str, problems: list[str]) -> None:
@@ -750,12 +890,18 @@ def _check_pem(cert_path: str, key_path: str, problems: list[str]) -> None:
     try:
         with open(cert_path, "rb") as fh:
             cert = crypto.load_certificate(crypto.FILETYPE_PEM, fh.read())
+    except OSError as exc:
+        problems.append(f"smtp.ssl.certChainFile: cannot read {cert_path}: {exc.strerror}")
+        return
     except (crypto.Error, ValueError) as exc:
         problems.append(f"smtp.ssl.certChainFile: {cert_path} is not a PEM certificate ({exc})")
         return
     try:
         with open(key_path, "rb") as fh:
             key = crypto.load_privatekey(crypto.FILETYPE_PEM, fh.read())
+    except OSError as exc:
+        problems.append(f"smtp.ssl.privateKeyFile: cannot read {key_path}: {exc.strerror}")
+        return
     except (crypto.Error, ValueError) as exc:
         problems.append(f"smtp.ssl.privateKeyFile: {key_path} is not a PEM private key ({exc})")
         return
@@ -817,6 +963,17 @@ def warnings(config: Config) -> list[str]:
                  "gives a sender in those domains may relay (senders are not verified)")
     if s.relay.outboundTls.trustAll:
         w.append("smtp.relay.outboundTls.trustAll=true: outbound TLS certificates are not verified")
+    named = [(f"smtp.relay.routes[{i}]", r) for i, r in enumerate(s.relay.routes)]
+    if s.relay.defaultRoute is not None:
+        named.append(("smtp.relay.defaultRoute", s.relay.defaultRoute))
+    for key, route in named:
+        if route.trustAll:
+            w.append(f"{key}.trustAll=true: certificates of {route.host or 'that route'} are "
+                     "not verified")
+    for key, hosts in [("smtp.relay.outboundTls.trustHosts", s.relay.outboundTls.trustHosts),
+                       *((f"{k}.trustHosts", r.trustHosts or []) for k, r in named)]:
+        if any(h.strip() == "*" for h in hosts):
+            w.append(f"{key}: '*' trusts every certificate (as trustAll)")
     plain = [u for u, v in s.auth.users.items() if not is_bcrypt_hash(v)]
     if plain:
         w.append(f"smtp.auth.users: plaintext passwords for {len(plain)} user(s); use "
@@ -839,6 +996,8 @@ def to_plain(obj: Any, mask: bool = True) -> Any:
             value = getattr(obj, f.name)
             if mask and f.metadata.get("secret") and value:
                 value = ({k: "******" for k in value} if isinstance(value, dict) else "******")
+            elif mask and f.name == "url" and isinstance(value, str):
+                value = mask_url_password(value)
             out[yaml_key(f)] = to_plain(value, mask)
         return out
     if isinstance(obj, list):
@@ -846,6 +1005,15 @@ def to_plain(obj: Any, mask: bool = True) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v, mask) for k, v in obj.items()}
     return obj
+
+
+def mask_url_password(url: str) -> str:
+    """``redis://:secret@host/0`` → ``redis://:******@host/0`` (the example config's form)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:******@{host}"
 
 
 def leaf_values(config: Config) -> dict[str, Any]:
