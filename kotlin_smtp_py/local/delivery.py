@@ -37,17 +37,24 @@ def maildir_prefix(sender: str, recipient: str) -> bytes:
 
 @dataclass(frozen=True)
 class ListProblem:
-    """A list member that reaches nobody: an unknown local user, or a list nested deeper
-    than MAX_LIST_DEPTH."""
+    """A list member that reaches nobody: an unknown local user (``unknown``), a list nested
+    deeper than MAX_LIST_DEPTH (``too_deep``), a member naming a list that is being expanded
+    already (``loop``), or a line that is no address (``invalid``)."""
 
     address: str
-    too_deep: bool
+    kind: str = "unknown"
+
+    @property
+    def too_deep(self) -> bool:
+        return self.kind == "too_deep"
 
     @property
     def text(self) -> str:
-        why = f"lists nested deeper than {MAX_LIST_DEPTH}" if self.too_deep \
-            else "no such user here"
+        why = {"too_deep": f"lists nested deeper than {MAX_LIST_DEPTH}",
+               "loop": "a list that includes itself (mail loop)",
+               "invalid": "not an address"}.get(self.kind, "no such user here")
         return f"{self.address}: {why}"
+
 
 @implementer(IDelivery)
 class LocalDelivery:
@@ -73,32 +80,48 @@ class LocalDelivery:
         remote: list[str] = []
         problems: list[ListProblem] = []
         seen: set[str] = set()
+        expanding: set[str] = set()  # the lists on the way down to this member
 
         def visit(addr: str, depth: int) -> None:
-            try:
-                parsed = parse_mailbox(addr, utf8=True)
-            except AddressError:
-                log.warn("ignoring invalid list member {member}", member=addr)
-                return
-            if not self.is_local_domain(parsed.domain):
-                if addr.lower() not in seen:
-                    seen.add(addr.lower())
-                    remote.append(str(parsed))
-                return
-            name = self.directory.resolve(parsed.local)
+            text = addr.strip()
+            if depth > 0:
+                # List files as people write them (Postfix's :include: files too): <a@b>,
+                # a trailing dot on the domain, and a bare name for a user of ours.
+                if text.startswith("<") and text.endswith(">"):
+                    text = text[1:-1].strip()
+                text = text.rstrip(".") if "@" in text else text
+            if depth > 0 and "@" not in text:
+                local_part = text
+            else:
+                try:
+                    parsed = parse_mailbox(text, utf8=True)
+                except AddressError:
+                    problems.append(ListProblem(addr, "invalid"))
+                    return
+                if not self.is_local_domain(parsed.domain):
+                    if text.lower() not in seen:
+                        seen.add(text.lower())
+                        remote.append(str(parsed))
+                    return
+                local_part = parsed.local
+            name = self.directory.resolve(local_part)
             if name is None:
                 if depth > 0:
-                    problems.append(ListProblem(addr, too_deep=False))
+                    problems.append(ListProblem(addr, "unknown"))
                 return
             if name in seen:
+                if name in expanding:
+                    problems.append(ListProblem(addr, "loop"))
                 return
             seen.add(name)
             list_path = self.directory.list_path(name)
             if list_path is not None and depth < MAX_LIST_DEPTH:
+                expanding.add(name)
                 for member in read_list(list_path):
                     visit(member, depth + 1)
+                expanding.discard(name)
             elif list_path is not None:
-                problems.append(ListProblem(addr, too_deep=True))
+                problems.append(ListProblem(addr, "too_deep"))
             else:
                 local.append(name)
 
@@ -125,7 +148,7 @@ class LocalDelivery:
             if problems:
                 # Like Postfix's bounce of an alias whose members all fail: the sender learns
                 # the list reached nobody (5.4.6 for a nesting loop or depth, RFC 3463).
-                deep = any(p.too_deep for p in problems)
+                deep = any(p.kind in ("too_deep", "loop") for p in problems)
                 return DeliveryStatus.permanent_failure(
                     Reason.RECIPIENT,
                     "list reaches no one: " + "; ".join(p.text for p in problems[:5]),
@@ -156,16 +179,29 @@ class LocalDelivery:
         """Blocking: the copies of one message for ``address`` into ``mailboxes`` (see
         ``write_maildir`` for ``message`` and ``check_existing``); raises OSError."""
         prefix = maildir_prefix(envelope.sender, address)
+        error: OSError | None = None
         for name in mailboxes:
-            fresh = write_maildir(self.directory.maildir(name),
-                                  # One copy per mailbox per message, like Postfix's local(8)
-                                  # duplicate elimination (alice, alice+tag, lists with alice).
-                                  maildir_name(queue_id, name, envelope.received_at),
-                                  prefix, message, check_existing=check_existing)
+            try:
+                fresh = write_maildir(self.directory.maildir(name),
+                                      # One copy per mailbox per message, like Postfix's
+                                      # local(8) duplicate elimination (alice, alice+tag,
+                                      # lists with alice).
+                                      maildir_name(queue_id, name, envelope.received_at),
+                                      prefix, message, check_existing=check_existing)
+            except OSError as exc:
+                # The other members still get theirs (one broken mailbox held up the whole
+                # list); the retry finds their copies by name and writes only the missing.
+                log.warn("copy of {queue_id} for {recipient} into mailbox {mailbox} failed: "
+                         "{error}", queue_id=queue_id, recipient=address, mailbox=name,
+                         error=str(exc), event="mailbox_write_failed")
+                error = error or exc
+                continue
             if debug_enabled():
                 log.debug("delivered {queue_id} to {recipient} mailbox {mailbox}{dup}",
                           queue_id=queue_id, recipient=address, mailbox=name,
                           dup="" if fresh else " (already present)", event="delivered")
+        if error is not None:
+            raise error
 
     @defer.inlineCallbacks
     def _deliver(self, entry: QueueEntry, message_path: str,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from kotlin_smtp_py.envelope import Envelope, Recipient
-from kotlin_smtp_py.local.delivery import LocalDelivery, maildir_prefix
+from kotlin_smtp_py.local.delivery import ListProblem, LocalDelivery, maildir_prefix
 from kotlin_smtp_py.local.maildir import finish_copy, maildir_name
 from kotlin_smtp_py.spool.record import QueueEntry
 from kotlin_smtp_py.spool.scheduler import SpoolEvents, log_delivery, log_finished
@@ -50,6 +50,12 @@ class MaildirTarget:
 def _write_failed(queue_id: str, rcpt: Recipient, exc: OSError) -> None:
     log.warn("direct delivery of {queue_id} to {recipient} failed, queueing it: {error}",
              queue_id=queue_id, recipient=rcpt.address, error=str(exc))
+
+
+def _unreachable(problems: Sequence[ListProblem]) -> bool:
+    """Members that reach nobody (the scheduler logs them, or bounces the list); a list that
+    names itself again while it reaches others is only a harmless self-reference."""
+    return any(p.kind != "loop" for p in problems)
 
 
 class DirectLocalDelivery:
@@ -92,8 +98,13 @@ class DirectLocalDelivery:
         rcpt = recipients[0]
         if not self._may_go_direct(rcpt):
             return None
-        mailboxes, remote = self.local.expand(rcpt.address)
-        if remote or len(mailboxes) != 1:
+        try:
+            mailboxes, remote, problems = self.local.expand_checked(rcpt.address)
+        except Exception:  # an unreadable list: not direct; the scheduler deals with it
+            log.failure("expanding {recipient} for direct delivery failed; queueing it",
+                        recipient=rcpt.address)
+            return None
+        if remote or _unreachable(problems) or len(mailboxes) != 1:
             return None
         return MaildirTarget(rcpt, mailboxes[0], self.local.directory.maildir(mailboxes[0]),
                              maildir_prefix(sender, rcpt.address))
@@ -110,9 +121,17 @@ class DirectLocalDelivery:
         done: list[Recipient] = []
         written: set[str] = set()  # one copy per mailbox (alice, ALICE, alice+tag, lists)
         for rcpt in candidates:
-            mailboxes, remote = self.local.expand(rcpt.address)
-            if remote or not mailboxes:
-                continue  # lists with remote members, unknown users: the scheduler's job
+            try:
+                mailboxes, remote, problems = self.local.expand_checked(rcpt.address)
+            except Exception:  # an unreadable list: this recipient is queued, not the rest
+                log.failure("expanding {recipient} for direct delivery failed; queueing it",
+                            recipient=rcpt.address)
+                continue
+            if remote or _unreachable(problems) or not mailboxes:
+                # Lists with remote or unreachable members, unknown users: the scheduler's
+                # job (it logs the members that reach nobody, and bounces a list that
+                # reaches no one).
+                continue
             try:
                 # No earlier copy can exist: this queue id was never queued or leased.
                 self.local.write_copies(queue_id, envelope, rcpt.address,

@@ -62,7 +62,9 @@ class LocalDirectory:
 def read_list(path: str) -> list[str]:
     """Members of a list file: one address per line, ``#`` comments and blank lines ignored."""
     members: list[str] = []
-    with open(path, encoding="utf-8") as fh:
+    # Undecodable bytes (a Latin-1 comment) must not fail every delivery through the list:
+    # in a comment they go unseen, in an address they make it an invalid member.
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             line = line.split("#", 1)[0].strip()
             if line:

@@ -143,7 +143,7 @@ class FileSpoolWriter:
         spool = self._spool
         target = None
         if self._hint is not None and spool.direct is not None:
-            target = spool.direct.target(*self._hint)
+            target = spool.direct.target(*self._hint)  # (never raises: None = spool it)
         if target is not None:
             try:
                 fd, tmp = open_copy(target.root, f"{int(time.time())}.{self.queue_id}.part")
@@ -378,7 +378,7 @@ class FileSpool:
         commit whatever is left; returns the entry as committed (``pending`` empty: nothing
         was queued, and no file of this message is left in the spool). ``spill``: the message
         was written into its Maildir as it arrived (``fh``)."""
-        failed = False
+        failed = wrote = False
         if spill is not None:
             done_entry, fh, failed = self._finish_spill_sync(fh, path, entry, candidates, spill)
             if done_entry is not None:
@@ -391,11 +391,15 @@ class FileSpool:
                                                          candidates,
                                                          head if fh is None else path)
             if delivered:
+                wrote = True
                 done = set(delivered)
                 entry = entry.evolve(pending=tuple(r for r in entry.pending if r not in done),
                                      delivered_directly=delivered, delivered_before=True)
         if entry.pending:
-            self.commit_sync(fh, path, entry, head, attempted=failed)
+            # attempted: copies of this message exist already (a failed list, or direct ones
+            # that a queued list with the same member must not write again once a reader
+            # moved them to cur/), so the first queued delivery looks for them.
+            self.commit_sync(fh, path, entry, head, attempted=failed or wrote)
         elif fh is not None:
             fh.close()
             os.unlink(path)
