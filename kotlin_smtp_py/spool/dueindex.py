@@ -20,6 +20,10 @@ import zlib
 from collections.abc import Container, Iterator, Mapping
 
 _Heap = list[tuple[float, str]]
+# No retry is scheduled further ahead than 600 s + 20 % jitter: a due time beyond this (plus
+# slack) means the wall clock was stepped back since it was written (the spool stores wall
+# clock times: envelope mtimes), and the entry would otherwise wait for the whole step.
+HORIZON = 600.0 * 1.2 + 60.0
 
 
 class DueIndex:
@@ -31,6 +35,7 @@ class DueIndex:
         self._own: set[str] = set()
         self._mine: _Heap = []
         self._theirs: _Heap = []
+        self._last_now: float | None = None
         self._rebuild()
 
     def replace(self, due: Mapping[str, float]) -> None:
@@ -50,6 +55,13 @@ class DueIndex:
             (self._mine if self._is_mine(qid) else self._theirs).append((t, qid))
         heapq.heapify(self._mine)
         heapq.heapify(self._theirs)
+
+    def _clamp(self, now: float) -> None:
+        late = [qid for qid, t in self._due.items() if t > now + HORIZON]
+        if late:
+            for qid in late:
+                self._due[qid] = now
+            self._rebuild()
 
     def set(self, queue_id: str, due: float, own: bool = False) -> None:
         """Index (or move) an entry; ``own`` marks one this process committed."""
@@ -85,6 +97,9 @@ class DueIndex:
     def due(self, now: float, limit: int, skip: Container[str] = ()) -> list[str]:
         """Up to ``limit`` ids due at ``now`` (mine first, each group earliest first), leaving
         out ``skip`` (entries this process holds)."""
+        if self._last_now is not None and now < self._last_now - 60.0:
+            self._clamp(now)  # the wall clock was stepped back while we ran
+        self._last_now = now
         picked: list[str] = []
         seen: set[str] = set()
         for heap in (self._mine, self._theirs):

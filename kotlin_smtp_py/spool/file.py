@@ -429,7 +429,8 @@ class FileSpool:
 
     def due(self, now: float, limit: int) -> defer.Deferred[list[str]]:
         d: defer.Deferred[Any]
-        if now - self._last_scan >= self.scan_interval and self._scanning is None:
+        # abs(): after the wall clock was stepped back, rescans went on hold for the step
+        if abs(now - self._last_scan) >= self.scan_interval and self._scanning is None:
             self._last_scan = now
             self._recent = set()
             d = self._scanning = self.run_in_thread(self.scan_sync, self._index.snapshot())
@@ -516,7 +517,7 @@ class FileSpool:
             if entry.queue_id != queue_id:
                 raise ValueError("queue id mismatch")
             return entry
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, ArithmeticError) as exc:  # ("attempts": 1e999)
             self._move_corrupt_sync(queue_id, str(exc))
             return None
 

@@ -11,6 +11,31 @@ from kotlin_smtp_py.envelope import Envelope, Recipient
 
 
 @dataclass(frozen=True)
+class OwedNotice:
+    """A recipient that failed for good in an earlier run whose failure notice could not be
+    queued then: it is not delivered again (the remote had said no), only its notice is."""
+
+    address: str
+    code: int
+    enhanced: str
+    text: str
+    reason: str = "other"
+    remote_mta: str | None = None
+    diagnostic: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "code": self.code, "enhanced": self.enhanced,
+                "text": self.text, "reason": self.reason, "remote_mta": self.remote_mta,
+                "diagnostic": self.diagnostic}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OwedNotice:
+        return cls(str(data["address"]), int(data["code"]), str(data["enhanced"]),
+                   str(data["text"]), str(data.get("reason") or "other"),
+                   data.get("remote_mta"), data.get("diagnostic"))
+
+
+@dataclass(frozen=True)
 class QueueEntry:
     """A queued message: its envelope, the recipients still to deliver, and the retry state.
 
@@ -19,7 +44,8 @@ class QueueEntry:
     ``delayed_notified`` remembers recipients that already got a NOTIFY=DELAY notice.
     ``delivered_before`` / ``bounced_before``: an earlier run (or the commit's direct local
     delivery) delivered / bounced some recipient, so the entry's final outcome (completed,
-    dropped, other) covers every run, not only the last.
+    dropped, other) covers every run, not only the last. ``owed_notices``: recipients in
+    ``pending`` that failed for good but still wait for their failure notice.
     """
 
     queue_id: str
@@ -32,6 +58,7 @@ class QueueEntry:
     delayed_notified: tuple[str, ...] = ()
     delivered_before: bool = False
     bounced_before: bool = False
+    owed_notices: tuple[OwedNotice, ...] = ()
     # Set by a spool when it can prove no delivery of this entry was ever attempted (its first
     # lease); deliveries may then skip duplicate checks. Never stored: False is the safe side.
     first_delivery: bool = field(default=False, compare=False)
@@ -50,6 +77,8 @@ class QueueEntry:
             data["delivered_before"] = True
         if self.bounced_before:
             data["bounced_before"] = True
+        if self.owed_notices:
+            data["owed_notices"] = [o.to_json() for o in self.owed_notices]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -63,6 +92,7 @@ class QueueEntry:
             delayed_notified=tuple(data.get("delayed_notified") or ()),
             delivered_before=data.get("delivered_before") is True,
             bounced_before=data.get("bounced_before") is True,
+            owed_notices=tuple(OwedNotice.from_json(o) for o in data.get("owed_notices") or ()),
         )
 
     def evolve(self, **changes: Any) -> QueueEntry:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from kotlin_smtp_py.envelope import Recipient
 from kotlin_smtp_py.interfaces import BackendUnavailable, IRouter, ISpool
-from kotlin_smtp_py.spool.record import Claim, QueueEntry
+from kotlin_smtp_py.spool.record import Claim, OwedNotice, QueueEntry
 from kotlin_smtp_py.status import DeliveryStatus, FailureKind, Reason, one_line
 
 log = Logger()
@@ -32,12 +32,16 @@ log = Logger()
 MAX_RETRY_DELAY = 600.0
 NOT_DUE_SLACK = 1.0  # seconds: clocks of processes sharing a spool may differ a little
 JITTER = 0.2
+# A next attempt further ahead than any retry delay can reach: the wall clock was stepped back
+# since it was stored, and the entry is due now rather than after the whole step.
+CLOCK_STEP_HORIZON = MAX_RETRY_DELAY * (1 + JITTER) + 60.0
 Result = tuple[Recipient, DeliveryStatus]
 
 
 def retry_delay(base_seconds: float, attempt: int, rng: random.Random | None = None) -> float:
     """Delay before retry number ``attempt`` (1-based): exponential, capped, ±20 % jitter."""
-    raw = min(base_seconds * float(1 << max(attempt - 1, 0)), MAX_RETRY_DELAY)
+    # (the exponent capped first: 1 << 1024 overflowed a float at the 1025th attempt)
+    raw = min(base_seconds * float(1 << min(max(attempt - 1, 0), 40)), MAX_RETRY_DELAY)
     r = rng.uniform(1 - JITTER, 1 + JITTER) if rng else random.uniform(1 - JITTER, 1 + JITTER)
     return raw * r
 
@@ -57,6 +61,21 @@ def _checked(got: Any) -> list[Result]:
             raise TypeError(f"a delivery answered {rcpt!r}, {status!r}")
         out.append((rcpt, status))
     return out
+
+
+def _owed(rcpt: Recipient, status: DeliveryStatus) -> OwedNotice:
+    return OwedNotice(rcpt.address, status.code, status.enhanced, status.text,
+                      status.reason.value if status.reason else "other", status.remote_mta,
+                      status.diagnostic)
+
+
+def _owed_status(owed: OwedNotice) -> DeliveryStatus:
+    try:
+        reason = Reason(owed.reason)
+    except ValueError:
+        reason = Reason.OTHER
+    return DeliveryStatus.permanent_failure(reason, owed.text, owed.enhanced, owed.code,
+                                            owed.remote_mta, owed.diagnostic)
 
 
 def log_delivery(entry: QueueEntry, rcpt: Recipient, status: DeliveryStatus,
@@ -120,6 +139,7 @@ class Scheduler:
         self._again = False
         self._pending_call: Any = None
         self._in_flight: dict[str, defer.Deferred[None]] = {}
+        self._claim_failed: dict[str, float] = {}  # queue id -> not claimed again before
         self._stopping = False
         self._last_error: str | None = None
         self.paused = False
@@ -202,8 +222,13 @@ class Scheduler:
         if free <= 0:
             return
         now = float(self.clock.seconds())
-        ids: list[str] = await self.spool.due(now, free * 2)
-        candidates = [qid for qid in ids if qid not in self._in_flight]
+        ids: list[str] = await self.spool.due(now, free * 2 + len(self._claim_failed))
+        for qid, until in list(self._claim_failed.items()):
+            if until <= now or until > now + 2 * self.retry_delay_seconds:  # (or clock step)
+                del self._claim_failed[qid]
+        candidates = [qid for qid in ids
+                      if qid not in self._in_flight and qid not in self._claim_failed]
+        failure: Failure | None = None
         # Claims go out together (one disk or Redis round trip for the lot, not one each); an
         # id another process holds just yields None and the next candidates fill its place.
         while candidates and not self._stopping:
@@ -213,14 +238,18 @@ class Scheduler:
             batch, candidates = candidates[:free], candidates[free:]
             outcomes = await defer.DeferredList([self.spool.claim(qid) for qid in batch],
                                                 consumeErrors=True)
-            failure: Failure | None = None
             for qid, (ok, claim) in zip(batch, outcomes, strict=True):
                 if not ok:
+                    # One unreadable entry must not hold up the rest of the queue: it is
+                    # skipped for a while and the pass goes on with the other candidates.
                     failure = failure or claim
+                    self._claim_failed[qid] = now + self.retry_delay_seconds
                     continue
+                self._claim_failed.pop(qid, None)
                 if claim is None:
                     continue
-                if self._stopping or claim.entry.next_attempt > now + NOT_DUE_SLACK:
+                if self._stopping or now + NOT_DUE_SLACK < claim.entry.next_attempt <= \
+                        now + CLOCK_STEP_HORIZON:
                     # Stopping, or the spool's index was early (it learns due times cheaply
                     # and corrects them at claim time): not this pass.
                     await self.spool.release(claim)
@@ -228,26 +257,28 @@ class Scheduler:
                 d = defer.Deferred.fromCoroutine(self._process(claim))
                 self._in_flight[qid] = d
                 d.addBoth(self._done, qid)
-            if failure is not None:  # the leases won above are being delivered; report the rest
-                failure.raiseException()
+        if failure is not None:  # the leases won above are being delivered; report the rest
+            failure.raiseException()
 
     def _done(self, result: object, qid: str) -> None:
         self._in_flight.pop(qid, None)
         if isinstance(result, Failure):
-            log.failure("delivery of {queue_id} failed unexpectedly", result, queue_id=qid)
+            log.failure("delivery of {queue_id} failed unexpectedly; its lease is released "
+                        "and the entry tried again", result, queue_id=qid)
         if not self._stopping:
             self.trigger()
 
     # -- one entry -----------------------------------------------------------------------------
 
-    async def _deliver_groups(self, claim: Claim) -> list[Result]:
+    async def _deliver_groups(self, claim: Claim,
+                              recipients: Sequence[Recipient]) -> list[Result]:
         """Every pending recipient gets a result. A routing policy or delivery that raises or
         answers nonsense (plugins) yields a transient failure for its recipients, so the entry
         is retried with backoff and bounced after maxRetries like any other failure: before,
         it escaped to a bare release, and the entry was claimed again on every pass, forever."""
         groups: dict[str, tuple[Any, list[Recipient]]] = {}
         results: list[Result] = []
-        for rcpt in claim.entry.pending:
+        for rcpt in recipients:
             try:
                 key, delivery = self.router.route(rcpt)
             except Exception as exc:
@@ -281,12 +312,25 @@ class Scheduler:
                 await self.archiver(entry, claim.message_path)
             except Exception:
                 log.failure("sent-archive copy of {queue_id} failed", queue_id=entry.queue_id)
+        owed = {o.address: o for o in entry.owed_notices}
         try:
-            results = await self._deliver_groups(claim)
+            results = await self._deliver_groups(
+                claim, [r for r in entry.pending if r.address not in owed])
         except Exception:
             log.failure("delivery of {queue_id} failed", queue_id=entry.queue_id)
             await self.spool.release(claim)
             return
+        try:
+            await self._conclude(claim, results, owed)
+        except Exception:
+            # Never strand the lease (the entry was not tried again until a restart): the
+            # entry is released and retried; recipients delivered in this run may get it again.
+            await self.spool.release(claim)
+            raise
+
+    async def _conclude(self, claim: Claim, results: list[Result],
+                        owed: dict[str, OwedNotice]) -> None:
+        entry = claim.entry
         now = float(self.clock.seconds())
         attempt = entry.attempts + 1
         delivered: list[Result] = []
@@ -306,13 +350,17 @@ class Scheduler:
                 failed.append((rcpt, status))
             else:
                 retry.append((rcpt, status))
+        # Failed for good in an earlier run, their notice still owed (counted and logged then).
+        failed += [(r, _owed_status(owed[r.address])) for r in entry.pending
+                   if r.address in owed]
         try:
             if failed:
                 await self.bouncer.notify(entry, claim.message_path, failed, "failed")
         except Exception:
-            # The notice is not durable yet: keep the failed (and retrying) recipients, so the
-            # next run bounces them again, but not the delivered ones (they would get the
-            # message once more on every run), and count the attempt (backoff).
+            # The notice is not durable yet: keep the failed (and retrying) recipients, but
+            # not the delivered ones (they would get the message once more on every run); the
+            # failed ones are remembered as owed notices, so the next run queues their notice
+            # without delivering to them again (the remote had refused them for good).
             log.failure("could not queue DSN for {queue_id}; retrying later",
                         queue_id=entry.queue_id)
             delay = retry_delay(self.retry_delay_seconds, max(attempt, 1), self.rng)
@@ -320,6 +368,7 @@ class Scheduler:
             await self.spool.reschedule(claim, entry.evolve(
                 pending=tuple(r for r in entry.pending if r.address not in done),
                 attempts=attempt, next_attempt=now + delay,
+                owed_notices=tuple(_owed(r, st) for r, st in failed),
                 delivered_before=entry.delivered_before or bool(delivered)))
             return
         age = max(0.0, now - entry.created)
@@ -354,6 +403,7 @@ class Scheduler:
         notified = tuple(sorted({*entry.delayed_notified,
                                  *(r.address for r, _ in fresh_delay)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
+                               owed_notices=(),
                                last_error=one_line(retry[0][1].text)[:500],
                                delayed_notified=notified,
                                delivered_before=entry.delivered_before or bool(delivered),
