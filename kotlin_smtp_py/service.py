@@ -386,7 +386,12 @@ class SmtpService(service.MultiService):
         if mode == "DISABLED":
             return None
         if session.auth_user is not None:
-            owner = self.directory.resolve(session.auth_user.partition("@")[0])
+            # alice@localhost is alice; alice@partner.test is nobody here (its copy went into
+            # the local alice's sent folder).
+            local, at, domain = session.auth_user.rpartition("@")
+            if at and not self.router.is_local_domain(domain):
+                return None
+            owner = self.directory.resolve(local if at else session.auth_user)
         elif mode != "TRUSTED_SUBMISSION" or sender is None:
             return None
         elif not self.router.is_local_domain(sender.domain) or \
@@ -660,8 +665,7 @@ class SmtpService(service.MultiService):
             self.tls_context.current = tls
             applied.insert(0, "TLS certificates")
         if isinstance(self.auth_checker, UserTableChecker):
-            self.auth_checker.users = dict(new.smtp.auth.users)
-            self.auth_checker.allow_plaintext = new.smtp.auth.allowPlaintextPasswords
+            self.auth_checker.replace(new.smtp.auth.users, new.smtp.auth.allowPlaintextPasswords)
         running = cfg.leaf_values(self.config)
         changed = sorted(k for k, v in cfg.leaf_values(new).items()
                          if running.get(k) != v and not _reloadable(k, tls is not None and

@@ -63,10 +63,16 @@ class UserTableChecker:
 
     def __init__(self, users: Mapping[str, str], allow_plaintext: bool,
                  run_in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> None:
+        self.replace(users, allow_plaintext)
+        self._thread = run_in_thread or threads.deferToThread
+
+    def replace(self, users: Mapping[str, str], allow_plaintext: bool) -> None:
+        """New users (a reload). The dummy hash's cost follows the new table: after a reload
+        to costlier hashes, unknown users were answered much faster than known ones, which
+        told a guesser which names exist."""
         self.users = dict(users)
         self.allow_plaintext = allow_plaintext
         self._dummy_cost = dummy_cost(self.users)
-        self._thread = run_in_thread or threads.deferToThread
 
     def has_user(self, username: str) -> bool:
         return username in self.users or username.lower() in self.users

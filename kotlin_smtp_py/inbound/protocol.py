@@ -922,8 +922,8 @@ class SMTPServerProtocol(smtp.ESMTP):
                         not _printable(xtext_decode(value or "")):  # RFC 3461 §4.4
                     return R(501, "5.5.4", "Bad ENVID parameter")
             elif key == "AUTH":
-                if not value:
-                    return SYNTAX
+                if not value or not _xtext_ok(value):  # RFC 4954 §5: an xtext mailbox or <>
+                    return R(501, "5.5.4", "Bad AUTH parameter")
             elif key == "REQUIRETLS":
                 if value is not None:
                     return SYNTAX

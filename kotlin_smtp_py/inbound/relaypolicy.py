@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from kotlin_smtp_py.config import RelayConfig
-from kotlin_smtp_py.envelope import Address
+from kotlin_smtp_py.envelope import Address, canonical_domain
 from kotlin_smtp_py.interfaces import IRelayAccessPolicy
 from kotlin_smtp_py.netutil import CidrSet
 from kotlin_smtp_py.plugins import load_plugin
@@ -58,7 +58,8 @@ class DefaultRelayRule:
     def __init__(self, relay: RelayConfig) -> None:
         self._relay = relay
         self._networks = CidrSet(relay.allowedClientCidrs)
-        self._domains = frozenset(d.lower().rstrip(".") for d in relay.allowedSenderDomains)
+        # As senders' domains are compared: A-labels (Bücher.test matched no sender before).
+        self._domains = frozenset(canonical_domain(d) for d in relay.allowedSenderDomains)
 
     def decide(self, session: Any, sender: Any, recipient: Any) -> bool:
         if not self._relay.enabled:
