@@ -852,6 +852,17 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
             *tls.trustHosts, *(h for r in routes for h in (r.trustHosts or []))]):
         p.append("smtp.relay.outboundTls.trustHosts: '*' trusts every certificate (as "
                  "trustAll) but failOnTrustAll=true")
+    log_file = config.logging.file
+    if log_file not in ("", "stdout", "stderr", "-"):
+        folder = os.path.dirname(os.path.abspath(log_file))
+        if os.path.isdir(log_file):
+            p.append(f"logging.file: {log_file} is a directory")
+        elif os.path.exists(log_file) and not os.access(log_file, os.W_OK):
+            p.append(f"logging.file: {log_file} is not writable")
+        elif not os.path.exists(log_file) and not (os.path.isdir(folder)
+                                                   and os.access(folder, os.W_OK | os.X_OK)):
+            p.append(f"logging.file: cannot create {log_file} ({folder} is not a writable "
+                     "directory)")
     _check_choice(config.logging.format, ("text", "json"), "logging.format", p)
     _check_choice(config.logging.level.lower(), ("debug", "info", "warn", "warning", "error"),
                   "logging.level", p)

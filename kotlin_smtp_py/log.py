@@ -35,6 +35,7 @@ import datetime
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
@@ -280,10 +281,25 @@ def _extras(event: LogEvent) -> tuple[str, ...]:
     return extras
 
 
+def escape(text: str) -> str:
+    """``text`` with every non-printable character written as an escape (``\\n``,
+    ``\\x1b``, ``\\u2028``), as Postfix does: an AUTH name, a Message-ID or a remote
+    server's reply holding a line break or a terminal escape forged log lines or rewrote the
+    operator's terminal. Printable text (any script) is returned as it is, at the cost of one
+    ``str.isprintable`` call."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def format_text(event: LogEvent, redactor: Redactor) -> str:
-    """``<timestamp> <LEVEL> [<logger>] <message> key=value...`` (+ traceback lines)."""
-    message = _render(event, redactor)
-    extras = " ".join([f"{k}={_jsonable(event[k])}" for k in _extras(event)])
+    """``<timestamp> <LEVEL> [<logger>] <message> key=value...`` (+ traceback lines).
+    The message and the fields are one line whatever they hold (see :func:`escape`); only
+    a traceback adds lines."""
+    message = escape(_render(event, redactor))
+    extras = " ".join([f"{k}={escape(str(_jsonable(event[k])))}" for k in _extras(event)])
     line = f"{_timestamp(event)} {_level(event):<5} [{_logger(event)}] {message}"
     if extras:
         line += f" ({extras})"
@@ -301,6 +317,7 @@ class LineObserver:
                  redactor: Redactor | None = None,
                  level: LogLevel = LogLevel.debug) -> None:
         self.stream = stream
+        self.path: str | None = None  # the file behind ``stream`` when it is one (reopen)
         self.formatter = formatter
         self.redactor = redactor or Redactor()
         # The level filter as a set lookup: one default level, no per-namespace settings,
@@ -318,10 +335,38 @@ class LineObserver:
                                "logger": "kotlin_smtp_py.log", "event": "log.format_error",
                                "message": f"unformattable log event: {type(exc).__name__}"})
         try:
-            self.stream.write(line + "\n")
+            try:
+                self.stream.write(line + "\n")
+            except UnicodeEncodeError:  # a file name with undecodable bytes (surrogates)
+                self.stream.write(line.encode("utf-8", "backslashreplace").decode("utf-8")
+                                  + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
+
+    def reopen(self) -> None:
+        """A log file renamed by logrotate: write to a new file at the configured path
+        (SIGHUP, as the reload does); stdout/stderr are left alone."""
+        path = self.path
+        if path is None:
+            return
+        try:
+            fresh = open_output(path)
+        except OSError as exc:
+            self(_reopen_failed(path, exc))
+            return
+        old, self.stream = self.stream, fresh
+        try:
+            old.close()
+        except OSError:
+            pass
+
+
+def _reopen_failed(path: str, exc: OSError) -> LogEvent:
+    return {"log_format": "cannot reopen log file {path}: {error}; still writing to the old one",
+            "log_level": LogLevel.error, "log_namespace": "kotlin_smtp_py.log",
+            "log_time": time.time(), "path": path, "error": exc.strerror,
+            "event": "log_reopen_failed"}
 
 
 def open_output(target: str) -> IO[str]:
@@ -343,8 +388,20 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None,
     out = stream if stream is not None else open_output(config.file)
     level = parse_level(config.level)
     _debug_on[0] = level is LogLevel.debug
-    observer: ILogObserver = LineObserver(out, formatter, redactor, level)
+    observer = LineObserver(out, formatter, redactor, level)
+    if stream is None and config.file not in ("", "stdout", "stderr", "-"):
+        observer.path = config.file
+    _observers.append(observer)
     return observer
+
+
+_observers: list[LineObserver] = []
+
+
+def reopen_outputs() -> None:
+    """Reopen every log file this process writes (SIGHUP, after logrotate renamed it)."""
+    for observer in _observers:
+        observer.reopen()
 
 
 def twistd_logger_factory(config: LoggingConfig) -> Callable[[], ILogObserver]:

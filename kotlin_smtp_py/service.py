@@ -643,7 +643,9 @@ class SmtpService(service.MultiService):
         Listeners, sessions and the spool are untouched; other changed keys need a restart
         (they are logged). A config that fails validation changes nothing."""
         from kotlin_smtp_py import config as cfg
+        from kotlin_smtp_py.log import reopen_outputs
 
+        reopen_outputs()  # logging.file after logrotate renamed it (whatever the config says)
         if self.supervisor is not None:
             import signal
 

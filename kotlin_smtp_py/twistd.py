@@ -76,9 +76,15 @@ def make_service(config_path: str | None) -> Any:
     except Exception as exc:
         sys.stderr.write(f"kotlin-smtp: cannot start: {exc}\n")
         raise SystemExit(1) from None
-    for warning in cfg.warnings(config):
-        sys.stderr.write(f"kotlin-smtp: warning: {warning}\n")
     return _WithLogObserver(svc, config)
+
+
+def _log_warnings(config: cfg.Config) -> None:
+    from twisted.logger import Logger
+
+    log = Logger(namespace="kotlin_smtp_py.config")
+    for warning in cfg.warnings(config):
+        log.warn("configuration warning: {warning}", warning=warning, event="config_warning")
 
 
 class _WithLogObserver:
@@ -92,7 +98,17 @@ class _WithLogObserver:
         from kotlin_smtp_py.log import configure_logging
 
         if hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, configure_logging(self._config.logging))
+            try:
+                observer = configure_logging(self._config.logging)
+            except OSError as exc:  # logging.file cannot be opened: one line, no traceback
+                sys.stderr.write(f"kotlin-smtp: cannot start: logging.file: cannot open "
+                                 f"{self._config.logging.file}: {exc.strerror}\n")
+                raise SystemExit(1) from None
+            parent.setComponent(ILogObserver, observer)
+        # Through the log (JSON lines stay JSON), once twistd has started logging to it.
+        from twisted.internet import reactor
+
+        reactor.callWhenRunning(_log_warnings, self._config)
         return self._svc.setServiceParent(parent)
 
     def __getattr__(self, name: str) -> Any:

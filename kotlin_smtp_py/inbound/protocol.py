@@ -1178,7 +1178,7 @@ class SMTPServerProtocol(smtp.ESMTP):
                      "message-id={message_id}", queue_id=entry.queue_id, sender=sender,
                      recipient=",".join(r.address for r in tx.recipients), size=envelope.size,
                      message_id=envelope.message_id, session=self.session_id, peer=self.peer_ip,
-                     event="message_accepted")
+                     helo=self._helo_name, event="message_accepted")
             self.factory.message_accepted(self, entry)
             self._junk = 0  # as Postfix: the junk count starts again after a delivery
             self._after_transaction()
