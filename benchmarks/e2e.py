@@ -104,6 +104,47 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
+def run_rounds(servers: list[Any], args: argparse.Namespace, label: str) -> bool:
+    """Start ``servers`` once, run ``args.rounds`` rounds of the load against each in turn,
+    print every result and, for two servers, the ratio of the first to the second (``label``
+    names the first) and its median; stop them. True when every message landed."""
+    ok = True
+    ratios: list[float] = []
+    started: list[Any] = []
+    try:
+        for server in servers:
+            server.start()
+            started.append(server)
+        for n in range(max(1, args.rounds)):
+            if args.rounds > 1:
+                print(f"-- round {n + 1} of {args.rounds}", flush=True)
+            results = []
+            for server in servers:
+                r = measure(server, args)
+                report(r)
+                results.append(r)
+                ok = ok and r["drained"] and r["landed"] >= r["expected"]
+            if len(results) == 2:
+                first, pf = results
+                a, b = first["load"], pf["load"]
+                ratio = a.msgs_per_s / max(b.msgs_per_s, 1e-9)
+                ratios.append(ratio)
+                print(f"ratio {label}/postfix: msg/s {ratio:.2f}x, MB/s "
+                      f"{a.mb_per_s / max(b.mb_per_s, 1e-9):.2f}x, p99 "
+                      f"{_fmt(_lat(a, 99))} vs {_fmt(_lat(b, 99))} ms, CPU/msg "
+                      f"{first['usage']['cpu_s'] / max(a.messages, 1) * 1e3:.2f} vs "
+                      f"{pf['usage']['cpu_s'] / max(b.messages, 1) * 1e3:.2f} ms",
+                      flush=True)
+    finally:
+        for server in started:
+            print(f"[{server.name}] exit {server.stop()}")
+    if len(ratios) > 1:
+        print(f"median ratio {label}/postfix over {len(ratios)} rounds: "
+              f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
+              f"{max(ratios):.2f}x)")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.clients} clients, {args.messages} messages of {args.body_bytes} "
           f"bytes, {'persistent connections' if args.persistent else 'connection per message'}"
           f", loader {args.loader}, cores {os.cpu_count()}, loadavg {loadavg()}")
-    ok = True
     servers: list[Any] = [OurServer(root / "ours", workers=args.workers, settings=args.set)]
     if args.compare_postfix:
         why = postfix_missing()
@@ -146,40 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[postfix] skipped: {why}")
         else:
             servers.append(PostfixServer(root / "postfix", maildir=args.postfix_maildir))
-    ratios: list[float] = []
     try:
-        started: list[Any] = []
-        try:
-            for server in servers:
-                server.start()
-                started.append(server)
-            for n in range(max(1, args.rounds)):
-                if args.rounds > 1:
-                    print(f"-- round {n + 1} of {args.rounds}", flush=True)
-                results = []
-                for server in servers:
-                    r = measure(server, args)
-                    report(r)
-                    results.append(r)
-                    ok = ok and r["drained"] and r["landed"] >= r["expected"]
-                if len(results) == 2:
-                    ours, pf = results
-                    a, b = ours["load"], pf["load"]
-                    ratio = a.msgs_per_s / max(b.msgs_per_s, 1e-9)
-                    ratios.append(ratio)
-                    print(f"ratio ours/postfix: msg/s {ratio:.2f}x, MB/s "
-                          f"{a.mb_per_s / max(b.mb_per_s, 1e-9):.2f}x, p99 "
-                          f"{_fmt(_lat(a, 99))} vs {_fmt(_lat(b, 99))} ms, CPU/msg "
-                          f"{ours['usage']['cpu_s'] / max(a.messages, 1) * 1e3:.2f} vs "
-                          f"{pf['usage']['cpu_s'] / max(b.messages, 1) * 1e3:.2f} ms",
-                          flush=True)
-        finally:
-            for server in started:
-                print(f"[{server.name}] exit {server.stop()}")
-        if len(ratios) > 1:
-            print(f"median ratio ours/postfix over {len(ratios)} rounds: "
-                  f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
-                  f"{max(ratios):.2f}x)")
+        ok = run_rounds(servers, args, "ours")
     finally:
         if args.keep:
             print(f"kept {root}")

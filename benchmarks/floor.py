@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e import _fmt, _lat, measure, report
+from benchmarks.e2e import run_rounds
 from benchmarks.harness import (
     REPO,
     SETTLE_SECONDS,
@@ -275,36 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[postfix] skipped: {why}")
         else:
             servers.append(PostfixServer(root / "postfix"))
-    ratios: list[float] = []
-    ok = True
     try:
-        started: list[Any] = []
-        try:
-            for server in servers:
-                server.start()
-                started.append(server)
-            for n in range(max(1, args.rounds)):
-                if args.rounds > 1:
-                    print(f"-- round {n + 1} of {args.rounds}", flush=True)
-                results = [measure(server, args) for server in servers]
-                for r in results:
-                    report(r)
-                    ok = ok and r["drained"] and r["landed"] >= r["expected"]
-                if len(results) == 2:
-                    a, b = results[0]["load"], results[1]["load"]
-                    ratios.append(a.msgs_per_s / max(b.msgs_per_s, 1e-9))
-                    print(f"ratio floor/postfix: msg/s {ratios[-1]:.2f}x, p99 "
-                          f"{_fmt(_lat(a, 99))} vs {_fmt(_lat(b, 99))} ms, CPU/msg "
-                          f"{results[0]['usage']['cpu_s'] / max(a.messages, 1) * 1e3:.2f} vs "
-                          f"{results[1]['usage']['cpu_s'] / max(b.messages, 1) * 1e3:.2f} ms",
-                          flush=True)
-        finally:
-            for server in started:
-                print(f"[{server.name}] exit {server.stop()}")
-        if len(ratios) > 1:
-            print(f"median ratio floor/postfix over {len(ratios)} rounds: "
-                  f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
-                  f"{max(ratios):.2f}x)")
+        ok = run_rounds(servers, args, "floor")
     finally:
         remove_bench_root(root)
     return 0 if ok else 1
