@@ -59,6 +59,7 @@ class QueueEntry:
     delivered_before: bool = False
     bounced_before: bool = False
     owed_notices: tuple[OwedNotice, ...] = ()
+    archive_owed: bool = False  # the sent-archive copy failed: tried again on the next run
     # Set by a spool when it can prove no delivery of this entry was ever attempted (its first
     # lease); deliveries may then skip duplicate checks. Never stored: False is the safe side.
     first_delivery: bool = field(default=False, compare=False)
@@ -79,6 +80,8 @@ class QueueEntry:
             data["bounced_before"] = True
         if self.owed_notices:
             data["owed_notices"] = [o.to_json() for o in self.owed_notices]
+        if self.archive_owed:
+            data["archive_owed"] = True
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -93,6 +96,7 @@ class QueueEntry:
             delivered_before=data.get("delivered_before") is True,
             bounced_before=data.get("bounced_before") is True,
             owed_notices=tuple(OwedNotice.from_json(o) for o in data.get("owed_notices") or ()),
+            archive_owed=data.get("archive_owed") is True,
         )
 
     def evolve(self, **changes: Any) -> QueueEntry:

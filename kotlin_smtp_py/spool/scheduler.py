@@ -307,11 +307,17 @@ class Scheduler:
 
     async def _process(self, claim: Claim) -> None:
         entry = claim.entry
-        if self.archiver is not None and entry.envelope.archive_owner and entry.attempts == 0:
+        archive_failed = False
+        if self.archiver is not None and entry.envelope.archive_owner and \
+                (entry.attempts == 0 or entry.archive_owed):
             try:  # idempotent (deterministic name): a crash before completion re-runs it safely
                 await self.archiver(entry, claim.message_path)
             except Exception:
-                log.failure("sent-archive copy of {queue_id} failed", queue_id=entry.queue_id)
+                # Kept in the entry and tried again with the retries (it was lost before);
+                # after maxRetries it is given up with an error line.
+                log.failure("sent-archive copy of {queue_id} failed; trying again later",
+                            queue_id=entry.queue_id)
+                archive_failed = True
         owed = {o.address: o for o in entry.owed_notices}
         try:
             results = await self._deliver_groups(
@@ -321,7 +327,7 @@ class Scheduler:
             await self.spool.release(claim)
             return
         try:
-            await self._conclude(claim, results, owed)
+            await self._conclude(claim, results, owed, archive_failed)
         except Exception:
             # Never strand the lease (the entry was not tried again until a restart): the
             # entry is released and retried; recipients delivered in this run may get it again.
@@ -329,7 +335,7 @@ class Scheduler:
             raise
 
     async def _conclude(self, claim: Claim, results: list[Result],
-                        owed: dict[str, OwedNotice]) -> None:
+                        owed: dict[str, OwedNotice], archive_failed: bool = False) -> None:
         entry = claim.entry
         now = float(self.clock.seconds())
         attempt = entry.attempts + 1
@@ -367,7 +373,7 @@ class Scheduler:
             done = {r.address for r, _ in delivered}
             await self.spool.reschedule(claim, entry.evolve(
                 pending=tuple(r for r in entry.pending if r.address not in done),
-                attempts=attempt, next_attempt=now + delay,
+                attempts=attempt, next_attempt=now + delay, archive_owed=archive_failed,
                 owed_notices=tuple(_owed(r, st) for r, st in failed),
                 delivered_before=entry.delivered_before or bool(delivered)))
             return
@@ -388,7 +394,21 @@ class Scheduler:
                                 action=action, queue_id=entry.queue_id)
         if failed:
             self.events.recipients_dropped(entry, len(failed))
+        if not retry and archive_failed and attempt <= self.max_retries:
+            # Every recipient is done, only the sender's own copy failed: the entry stays for
+            # it alone (no recipients pending), with the usual backoff.
+            delay = retry_delay(self.retry_delay_seconds, attempt, self.rng)
+            await self.spool.reschedule(claim, entry.evolve(
+                pending=(), attempts=attempt, next_attempt=now + delay, archive_owed=True,
+                owed_notices=(),
+                delivered_before=entry.delivered_before or bool(delivered),
+                bounced_before=entry.bounced_before or bool(failed)))
+            self.events.retry_scheduled(entry, delay)
+            return
         if not retry:
+            if archive_failed:
+                log.error("sent-archive copy of {queue_id} given up after {attempt} attempts",
+                          queue_id=entry.queue_id, attempt=attempt, event="archive_given_up")
             await self.spool.complete(claim)
             # Over every run: a recipient bounced earlier makes a later full success "other".
             any_failed = bool(failed) or entry.bounced_before
@@ -403,7 +423,7 @@ class Scheduler:
         notified = tuple(sorted({*entry.delayed_notified,
                                  *(r.address for r, _ in fresh_delay)}))
         updated = entry.evolve(pending=remaining, attempts=attempt, next_attempt=now + delay,
-                               owed_notices=(),
+                               owed_notices=(), archive_owed=archive_failed,
                                last_error=one_line(retry[0][1].text)[:500],
                                delayed_notified=notified,
                                delivered_before=entry.delivered_before or bool(delivered),

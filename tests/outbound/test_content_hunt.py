@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import json
 import re
 import socket
 import ssl
@@ -618,14 +619,28 @@ def test_archive_copy_is_made_once_across_retries_and_not_counted_as_delivery(
 
 def test_failed_archive_copy_neither_loses_nor_duplicates_the_delivery(
         make_server: Any) -> None:
+    """The recipients get the message once; the sender's copy, which failed, is kept owed in
+    the queue entry (it was given up at once before) and made once its folder works."""
     srv = make_server()
-    (srv.root / "mailboxes" / "alice" / "sent").write_text("not a directory")
+    sent = srv.root / "mailboxes" / "alice" / "sent"
+    sent.write_text("not a directory")
     send(srv, "alice@localhost", ["y@remote.test", "bob@localhost"],
          b"Subject: archive fails\r\n\r\nhi\r\n")
     srv.wait_mails("bob", 1)
+    wait_until(lambda: len(srv.sink.transactions) == 1, timeout=15, message="the relay")
+
+    def owed() -> list[dict[str, Any]]:
+        return [e for p in (srv.root / "spool" / "queue").glob("*.json")
+                if (e := json.loads(p.read_text())).get("archive_owed")]
+
+    [entry] = wait_until(owed, timeout=15, message="the entry kept for the archive copy")
+    assert entry["pending"] == []
+    assert sent.read_text() == "not a directory"
+    sent.unlink()  # the operator repairs the folder
+    wait_until(lambda: sent_copies(srv, "alice"), timeout=20, message="the archive retry")
     srv.wait_queue_empty()
+    assert len(sent_copies(srv, "alice")) == 1
     assert len(srv.sink.transactions) == 1 and len(srv.mails("bob")) == 1
-    assert (srv.root / "mailboxes" / "alice" / "sent").read_text() == "not a directory"
 
 
 def test_large_authenticated_message_to_a_local_user_is_filed_once_and_archived(
