@@ -242,8 +242,11 @@ class Scheduler:
                 if not ok:
                     # One unreadable entry must not hold up the rest of the queue: it is
                     # skipped for a while and the pass goes on with the other candidates.
+                    # (Not when the whole backend is down: every entry is due again as soon
+                    # as it is back.)
                     failure = failure or claim
-                    self._claim_failed[qid] = now + self.retry_delay_seconds
+                    if not claim.check(BackendUnavailable):
+                        self._claim_failed[qid] = now + self.retry_delay_seconds
                     continue
                 self._claim_failed.pop(qid, None)
                 if claim is None:
