@@ -720,6 +720,16 @@ def is_bcrypt_hash(value: str) -> bool:
     return bool(re.match(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$", value))
 
 
+def _addresses_overlap(a: str, b: str) -> bool:
+    """Whether listening on ``a`` and on ``b`` (same port) would collide: the same address,
+    ``::`` (dual-stack: every address), or the IPv4 wildcard with an IPv4 address."""
+    a, b = a.strip().lower() or "0.0.0.0", b.strip().lower() or "0.0.0.0"
+    if a == b or "::" in (a, b):
+        return True
+    v4 = ("0.0.0.0", "")
+    return (a in v4 and ":" not in b) or (b in v4 and ":" not in a)
+
+
 def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
     """Semantic checks; returns the problems found (empty when the config can start)."""
     p: list[str] = []
@@ -732,6 +742,22 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
         if lst.implicitTls and not s.ssl.enabled:
             p.append(f"smtp.listeners[{i}].implicitTls: requires smtp.ssl.enabled=true")
     _check_port(config.management.server.port, "management.server.port", p)
+    # Two sockets on one address and port cannot both listen: said here, not by a traceback
+    # from the second bind at start-up (wildcards overlap every address of their family).
+    bound: list[tuple[str, str, int]] = []
+    for i, lst in enumerate(s.effective_listeners()):
+        key = f"smtp.listeners[{i}].port" if s.listeners else "smtp.port"
+        clash = next((k for k, a, port in bound if port == lst.port != 0
+                      and _addresses_overlap(a, lst.bindAddress)), None)
+        if clash:
+            p.append(f"{key}: {lst.port} on {lst.bindAddress or '*'} is already {clash}")
+        bound.append((key, lst.bindAddress, lst.port))
+    m = config.management
+    clash = next((k for k, a, port in bound if m.enabled and port == m.server.port != 0
+                  and _addresses_overlap(a, m.server.bindAddress)), None)
+    if clash:
+        p.append(f"management.server.port: {m.server.port} is already {clash} (the management "
+                 "port is never an SMTP port)")
     if not s.hostname:
         p.append("smtp.hostname: must be set")
     for i, domain in enumerate([s.routing.localDomain, *s.routing.localDomains]):

@@ -10,11 +10,13 @@ or have their leases released (entries stay queued), then the process exits 0.
 from __future__ import annotations
 
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -589,19 +591,38 @@ class SmtpService(service.MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         s = self.config.smtp
         self._inherited = systemd_listen_fds()
-        for listener in s.effective_listeners():
+        for i, listener in enumerate(s.effective_listeners()):
             factory = self.make_factory(listener)
             outer: Any = factory
             if listener.implicitTls:
                 outer = TLSMemoryBIOFactory(self.tls_context, False, outer)  # type: ignore[arg-type]
             if listener.proxyProtocol:  # the PROXY header comes before any TLS bytes
                 outer = ProxyWrappingFactory(outer, s.proxy.trustedCidrs, self.reactor)
-            port = self._listen(len(self.ports), listener, outer)
+            try:
+                port = self._listen(len(self.ports), listener, outer)
+            except CannotListenError as exc:
+                self._cannot_listen(f"smtp.listeners[{i}]" if s.listeners else "smtp.port",
+                                    listener.bindAddress, listener.port, exc)
             self.factories.append(factory)
             self.ports.append(port)
             log.info("listening for SMTP on {address}:{port}{tls}",
                      address=listener.bindAddress, port=port.getHost().port,
                      tls=" (implicit TLS)" if listener.implicitTls else "")
+        m = self.config.management
+        is_worker = self.cluster is not None and not self.cluster.is_parent
+        if m.enabled and not is_worker:
+            # Bound before any worker is spawned, so that a port in use stops start-up
+            # with one line instead of leaving workers behind a traceback.
+            site = make_management_site(self.config, self.metrics, self.health_indicators,
+                                        self.readiness, clock=self.reactor)
+            try:
+                self.management_port = self.reactor.listenTCP(m.server.port, site,
+                                                              interface=m.server.bindAddress)
+            except CannotListenError as exc:
+                self._cannot_listen("management.server", m.server.bindAddress, m.server.port,
+                                    exc)
+            log.info("management HTTP on {address}:{port}", address=m.server.bindAddress,
+                     port=self.management_port.getHost().port)
         self.scheduler.start()
         if self.cluster is not None and not self.cluster.is_parent:
             log.info("SMTP worker {index} of {count} serving", index=self.cluster.index,
@@ -623,14 +644,6 @@ class SmtpService(service.MultiService):
         if self.tls_reporter is not None:
             self.tls_reporter.start()
         self._request_watch = self.reactor.callLater(1.0, self._watch_requests)
-        m = self.config.management
-        if m.enabled:
-            site = make_management_site(self.config, self.metrics, self.health_indicators,
-                                        self.readiness, clock=self.reactor)
-            self.management_port = self.reactor.listenTCP(m.server.port, site,
-                                                          interface=m.server.bindAddress)
-            log.info("management HTTP on {address}:{port}", address=m.server.bindAddress,
-                     port=self.management_port.getHost().port)
         self._install_sighup()
         self.notifier.ready()
         self.watchdog = WatchdogPinger.from_environment(self.notifier, self.reactor)
@@ -692,6 +705,18 @@ class SmtpService(service.MultiService):
             self.reactor.callFromThread(self.reload)
 
         signal.signal(signal.SIGHUP, handler)
+
+    def _cannot_listen(self, key: str, address: str, port: int, exc: Exception) -> NoReturn:
+        """A port in use, an address this host lacks: one line naming the key, the ports
+        already open closed, exit 1 (it was a 30-line traceback from inside twistd)."""
+        reason = getattr(exc, "socketError", None) or exc
+        why = getattr(reason, "strerror", None) or str(reason)
+        for p in self.ports:
+            p.stopListening()
+        sys.stderr.write(f"kotlin-smtp: cannot start: {key}: cannot listen on "
+                         f"{address or '*'}:{port}: {why}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
 
     def _listen(self, index: int, listener: Any, factory: Any) -> Any:
         if index < len(self._inherited):  # socket activation: systemd owns the socket

@@ -204,9 +204,11 @@ def test_port_out_of_range(base: dict[str, Any], port: int, where: str, key: str
 
 @pytest.mark.parametrize("port", [0, 1, 65535])
 def test_port_edges_accepted(base: dict[str, Any], port: int) -> None:
+    management = {0: 0, 1: 65535, 65535: 1}[port]  # (never the SMTP port itself)
     config = _load(_merge(base, {"smtp": {"listeners": [{"port": port}]},
-                                 "management": {"server": {"port": port}}}))
+                                 "management": {"server": {"port": management}}}))
     assert config.smtp.listeners[0].port == port
+    assert config.management.server.port == management
 
 
 def test_tls_enabled_without_cert_or_key(base: dict[str, Any], tmp_path: Path) -> None:
