@@ -85,6 +85,8 @@ async def _open_spool(config: cfg.Config) -> Any:
 
 
 async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
+    from txredisapi import ResponseError
+
     from kotlin_smtp_py.interfaces import BackendUnavailable
     from kotlin_smtp_py.redisconn import RedisAuthRefused
 
@@ -99,6 +101,10 @@ async def _queue(args: argparse.Namespace, config: cfg.Config) -> int:
         return EX_TEMPFAIL
     try:
         return await _queue_action(args, config, spool)
+    except ResponseError as exc:  # a key of a foreign type under our prefix (WRONGTYPE)
+        print(f"spool unreadable: Redis answered {exc}; check the keys under "
+              f"{config.smtp.spool.redis.keyPrefix}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (BackendUnavailable, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `queue list | head`: the reader has enough
             _stdout_gone()

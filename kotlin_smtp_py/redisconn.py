@@ -229,6 +229,18 @@ class RedisClient:
         self._down_since: float | None = clock.seconds()
         self._waiters: deque[tuple[defer.Deferred[Any], float]] = deque()
         self._poll_call: Any = None
+        # txredisapi stops reconnecting for good when AUTH or SELECT is refused (a password
+        # rotated on Redis before our config): the node then stayed DOWN, every message
+        # 451, until a restart. We keep reconnecting with the usual backoff instead, so it
+        # recovers by itself once the password matches again; only close() stops it.
+        stop_trying = self._factory.stopTrying
+
+        def stop_only_when_closing() -> Any:
+            if self._closed:
+                return stop_trying()
+            return None
+
+        self._factory.stopTrying = stop_only_when_closing
 
     @classmethod
     def from_config(cls, config: RedisConfig, clock: IReactorTime | None = None) -> RedisClient:

@@ -113,9 +113,17 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
 return redis.call('ZCARD', KEYS[4])
 """)
 
-# KEYS lock meta due; ARGV token ttl_ms lease_score id  -> nil (gone) | 0 (leased) | meta
+# KEYS lock meta due msg corrupt_msg; ARGV token ttl_ms lease_score id
+#   -> nil (gone) | 0 (leased) | -1 (due without metadata: quarantined) | meta
+# Metadata missing while the id is still due means it was evicted (a maxmemory policy other
+# than noeviction) or deleted by hand: the id left the due set only by a claim that never
+# came, and the body stayed for ever, unlisted. Its body is kept under corrupt:, loudly.
 _CLAIM = LuaScript("claim", """
-if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  if redis.call('ZREM', KEYS[3], ARGV[4]) == 0 then return false end
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[5]) end
+  return -1
+end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return redis.call('GET', KEYS[2])
@@ -173,12 +181,17 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """)
 
-# KEYS meta1 msg1 meta2 msg2 ...  -> {meta1, len1, meta2, len2, ...}
+# KEYS meta1 msg1 meta2 msg2 ...  -> {meta1, len1, meta2, len2, ...}; a key of a foreign type
+# gives false / -1 for its entry instead of failing the whole listing (pcall)
 _LIST = LuaScript("list", """
 local out = {}
 for i = 1, #KEYS, 2 do
-  out[#out + 1] = redis.call('GET', KEYS[i])
-  out[#out + 1] = redis.call('STRLEN', KEYS[i + 1])
+  local meta = redis.pcall('GET', KEYS[i])
+  if type(meta) == 'table' and meta.err then meta = false end
+  local len = redis.pcall('STRLEN', KEYS[i + 1])
+  if type(len) == 'table' and len.err then len = -1 end
+  out[#out + 1] = meta
+  out[#out + 1] = len
 end
 return out
 """)
@@ -443,8 +456,15 @@ class RedisSpool:
         token = secrets.token_hex(16)
         now = self._now()
         meta = await self.client.eval(
-            _CLAIM, [self.key("lock", queue_id), self.key("meta", queue_id), self.key("due")],
+            _CLAIM, [self.key("lock", queue_id), self.key("meta", queue_id), self.key("due"),
+                     self.key("msg", queue_id), self.key("corrupt", queue_id + ":msg")],
             [token, self._ttl_ms(), _score(now + self.lock_ttl), queue_id])
+        if meta == -1:
+            log.error("queue entry {queue_id} lost its metadata in Redis (evicted? use "
+                      "maxmemory-policy noeviction); its message is kept as "
+                      "{prefix}:corrupt:{queue_id}:msg", queue_id=queue_id, prefix=self.prefix,
+                      event="spool_entry_corrupt")
+            return None
         if not isinstance(meta, bytes):
             return None
         try:
