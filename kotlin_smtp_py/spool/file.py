@@ -530,7 +530,7 @@ class FileSpool:
             except OSError:
                 pass
         log.error("corrupt spool entry {queue_id} moved to corrupt/: {why}", queue_id=queue_id,
-                  why=why)
+                  why=why, event="spool_entry_corrupt")
         self._reactor.callFromThread(self._forget_corrupt, queue_id)
 
     def _forget_corrupt(self, queue_id: str) -> None:

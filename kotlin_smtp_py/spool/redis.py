@@ -520,7 +520,7 @@ class RedisSpool:
 
     async def _quarantine(self, queue_id: str, token: str, why: str) -> None:
         log.error("queue entry {queue_id} is unreadable ({reason}); moved to {prefix}:corrupt",
-                  queue_id=queue_id, reason=why, prefix=self.prefix)
+                  queue_id=queue_id, reason=why, prefix=self.prefix, event="spool_entry_corrupt")
         await self.client.eval(
             _QUARANTINE, [self.key("lock", queue_id), self.key("msg", queue_id),
                           self.key("meta", queue_id), self.key("due"),
