@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import sys
 import time
@@ -244,6 +245,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+_pid_cache: list[int] = []
+
+
+def _pid() -> int:
+    if not _pid_cache:
+        _pid_cache.append(os.getpid())  # (spawned workers import this module afresh)
+    return _pid_cache[0]
+
+
 def format_json(event: LogEvent, redactor: Redactor) -> str:
     """One JSON object (no newline) for an already-masked event."""
     record: dict[str, Any] = {
@@ -252,6 +262,7 @@ def format_json(event: LogEvent, redactor: Redactor) -> str:
         "logger": _logger(event),
         "event": _event_name(event),
         "message": _render(event, redactor),
+        "pid": _pid(),  # with smtp.workers, which process said it
     }
     for key, value in _fields(event).items():
         if key not in record:

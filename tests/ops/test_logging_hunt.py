@@ -546,6 +546,9 @@ def test_twistd_json_two_workers_debug_every_line_is_an_object(tmp_path: Path) -
                  "shutdown", "shutdown_complete"):
         assert name in events, name
     assert events.count("shutdown_complete") == 2  # parent and worker both said goodbye
+    # ... and each line says which process it came from (pid)
+    goodbyes = {r["pid"] for r in records if r["event"] == "shutdown_complete"}
+    assert len(goodbyes) == 2 and all(isinstance(p, int) for p in goodbyes), goodbyes
     assert any(r["logger"].startswith("twisted.") for r in records)  # twistd's own lines
     assert any(r["level"] == "DEBUG" for r in records)
 
