@@ -2,9 +2,12 @@
 
 Unlike Twisted's ``haproxy`` wrapper, the SMTP protocol is only connected *after* the header is
 parsed, so its greeting, logs, rate limits, relay CIDR checks and Received header all see the
-real client. Connections from addresses outside ``smtp.proxy.trustedCidrs``, ``UNKNOWN`` /
-``LOCAL`` headers, malformed headers and silence past the header timeout are closed. A header
-split across several reads is reassembled (bounded: at most 16 + 512 bytes are buffered).
+real client. Connections from addresses outside ``smtp.proxy.trustedCidrs``, malformed headers
+and silence past the header timeout are closed. ``PROXY UNKNOWN`` (v1) and the v2 ``LOCAL``
+command say "not proxied" (a balancer's own health check, haproxy's ``check-send-proxy``): as
+the PROXY protocol specification requires, the session then belongs to the balancer's own
+address. A header split across several reads is reassembled (bounded: at most 16 + 512 bytes
+are buffered).
 """
 
 from __future__ import annotations
@@ -53,8 +56,12 @@ def _port(text: bytes) -> int:
     return int(text)
 
 
-def parse_header(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
-    """((client ip, client port), rest) when complete; None when more bytes are needed."""
+Client = tuple[str, int] | None  # None: not proxied (UNKNOWN, LOCAL), the balancer itself
+
+
+def parse_header(buf: bytes) -> tuple[Client, bytes] | None:
+    """((client ip, client port) or None, rest) when complete; None when more bytes are
+    needed."""
     if buf[:len(V2_SIGNATURE)] == V2_SIGNATURE[:len(buf)]:
         return _parse_v2(buf)
     if buf[:len(V1_PREFIX)] == V1_PREFIX[:len(buf)]:
@@ -62,7 +69,7 @@ def parse_header(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
     raise ProxyHeaderError("not a PROXY protocol header")
 
 
-def _parse_v1(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
+def _parse_v1(buf: bytes) -> tuple[Client, bytes] | None:
     end = buf.find(b"\r\n")
     if end < 0:
         if len(buf) > V1_MAX:
@@ -72,8 +79,8 @@ def _parse_v1(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
     if len(line) + 2 > V1_MAX:
         raise ProxyHeaderError("v1 header too long")
     parts = line.split(b" ")
-    if len(parts) < 2 or parts[1] == b"UNKNOWN":
-        raise ProxyHeaderError("UNKNOWN connection")
+    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
+        return None, rest  # the rest of the line is to be ignored (the specification, 2.1)
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
         raise ProxyHeaderError("malformed v1 header")
     version = 4 if parts[1] == b"TCP4" else 6
@@ -84,7 +91,7 @@ def _parse_v1(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
     return (src, sport), rest
 
 
-def _parse_v2(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
+def _parse_v2(buf: bytes) -> tuple[Client, bytes] | None:
     if len(buf) < 16:
         return None
     ver_cmd, fam = buf[12], buf[13]
@@ -96,8 +103,10 @@ def _parse_v2(buf: bytes) -> tuple[tuple[str, int], bytes] | None:
     if len(buf) < 16 + length:
         return None
     payload, rest = buf[16:16 + length], buf[16 + length:]
+    if ver_cmd & 0x0F == 0:  # LOCAL: the address block, if any, is discarded
+        return None, rest
     if ver_cmd & 0x0F != 1:
-        raise ProxyHeaderError("v2 LOCAL (or unknown) command carries no client")
+        raise ProxyHeaderError("unknown v2 command")
     if fam == 0x11 and length >= 12:
         src = str(ipaddress.IPv4Address(payload[0:4]))
         (sport,) = struct.unpack("!H", payload[8:10])
@@ -159,11 +168,17 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
             return
         if parsed is None:
             return
-        (ip, port), rest = parsed
+        client, rest = parsed
         self._cancel_timer()
         self._buf = b""
-        self._peer = address.IPv6Address("TCP", ip, port) if ":" in ip else \
-            address.IPv4Address("TCP", ip, port)
+        if client is None:  # not proxied: the balancer talks for itself
+            self._peer = self.transport.getPeer()
+            log.debug("PROXY header says not proxied; serving the balancer {balancer}",
+                      balancer=getattr(self._peer, "host", "?"))
+        else:
+            ip, port = client
+            self._peer = address.IPv6Address("TCP", ip, port) if ":" in ip else \
+                address.IPv4Address("TCP", ip, port)
         self.wrappedProtocol.makeConnection(self)
         if rest and self.connected:
             self.wrappedProtocol.dataReceived(rest)

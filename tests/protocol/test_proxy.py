@@ -89,13 +89,12 @@ def test_header_split_across_reads(make_server: Any) -> None:
 
 
 @pytest.mark.parametrize("data", [
-    b"PROXY UNKNOWN\r\n",
     b"PROXY TCP4 203.0.113.7 192.0.2.1 40000\r\n",
     b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
     b"PROXY TCP4 203.0.113.7 192.0.2.1 99999 25\r\n",
     b"EHLO not-a-proxy.test\r\n",
     b"PROXY " + b"A" * 200,
-    v2_header("198.51.100.9", 1, command=0),  # LOCAL
+    v2_header("198.51.100.9", 1, command=2),  # no such command
     V2_SIG + b"\x21\x11\xff\xff",  # absurd length
 ])
 def test_bad_headers_close_the_connection(make_server: Any, data: bytes) -> None:
