@@ -245,15 +245,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-_pid_cache: list[int] = []
-
-
-def _pid() -> int:
-    if not _pid_cache:
-        _pid_cache.append(os.getpid())  # (spawned workers import this module afresh)
-    return _pid_cache[0]
-
-
 def format_json(event: LogEvent, redactor: Redactor) -> str:
     """One JSON object (no newline) for an already-masked event."""
     record: dict[str, Any] = {
@@ -262,7 +253,8 @@ def format_json(event: LogEvent, redactor: Redactor) -> str:
         "logger": _logger(event),
         "event": _event_name(event),
         "message": _render(event, redactor),
-        "pid": _pid(),  # with smtp.workers, which process said it
+        "pid": os.getpid(),  # with smtp.workers, which process said it (asked each time:
+        # twistd's daemon mode forks after the first lines are written)
     }
     for key, value in _fields(event).items():
         if key not in record:
@@ -300,7 +292,7 @@ def escape(text: str) -> str:
     ``str.isprintable`` call."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c == " " else
+    return "".join(c if c.isprintable() else
                    c.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for c in text)
 
@@ -400,7 +392,7 @@ def configure_logging(config: LoggingConfig, stream: IO[str] | None = None,
     level = parse_level(config.level)
     _debug_on[0] = level is LogLevel.debug
     observer = LineObserver(out, formatter, redactor, level)
-    if stream is None and config.file not in ("", "stdout", "stderr", "-"):
+    if stream is None and config.to_file:
         observer.path = config.file
     _observers.append(observer)
     return observer
