@@ -386,6 +386,11 @@ class LoggingConfig:
     level: str = "info"
     file: str = "stdout"
 
+    @property
+    def to_file(self) -> bool:
+        """``file`` names a file (not stdout/stderr): checked, opened and reopened."""
+        return self.file not in ("", "stdout", "stderr", "-")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -726,8 +731,7 @@ def _addresses_overlap(a: str, b: str) -> bool:
     a, b = a.strip().lower() or "0.0.0.0", b.strip().lower() or "0.0.0.0"
     if a == b or "::" in (a, b):
         return True
-    v4 = ("0.0.0.0", "")
-    return (a in v4 and ":" not in b) or (b in v4 and ":" not in a)
+    return (a == "0.0.0.0" and ":" not in b) or (b == "0.0.0.0" and ":" not in a)
 
 
 def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
@@ -798,8 +802,6 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
         p.append(f"smtp.spool.ioThreads: must be between 1 and 64, got {s.spool.ioThreads}")
     if s.spool.maxRetries < 0:
         p.append("smtp.spool.maxRetries: must be >= 0")
-    if s.spool.delayWarningSeconds < 0:
-        p.append("smtp.spool.delayWarningSeconds: must be >= 0")
     _check_choice(s.ssl.minTlsVersion, ("TLSv1.2", "TLSv1.3"), "smtp.ssl.minTlsVersion", p)
     if s.ssl.enabled:
         readable = True
@@ -826,7 +828,7 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
             parse_target(s.redis)
         except ValueError as exc:
             p.append(str(exc))
-    if s.redis is None:  # (else twistd refused to start what check-config called OK)
+    else:  # (else twistd refused to start what check-config called OK)
         if s.rateLimit.backend == "redis":
             p.append("smtp.rateLimit.backend: 'redis' requires an smtp.redis section")
         if s.auth.rateLimitEnabled and s.auth.rateLimitBackend == "redis":
@@ -870,7 +872,7 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
         p.append("smtp.relay: relay is open to anyone (requireAuthForRelay=false and no "
                  "allowedClientCidrs/allowedSenderDomains) and failOnOpenRelay=true")
     tls = s.relay.outboundTls
-    routes = [*s.relay.routes, *([s.relay.defaultRoute] if s.relay.defaultRoute else [])]
+    routes = [r for _, r in _named_routes(s)]
     if tls.failOnTrustAll and (tls.trustAll or any(r.trustAll for r in routes)):
         p.append("smtp.relay.outboundTls.trustAll: trustAll is set but failOnTrustAll=true")
     # trustHosts: ["*"] trusts every certificate exactly as trustAll does.
@@ -879,7 +881,7 @@ def validate(config: Config, create_dirs: DirMode = True) -> list[str]:
         p.append("smtp.relay.outboundTls.trustHosts: '*' trusts every certificate (as "
                  "trustAll) but failOnTrustAll=true")
     log_file = config.logging.file
-    if log_file not in ("", "stdout", "stderr", "-"):
+    if config.logging.to_file:
         folder = os.path.dirname(os.path.abspath(log_file))
         if os.path.isdir(log_file):
             p.append(f"logging.file: {log_file} is a directory")
@@ -988,6 +990,15 @@ def spool_backend(config: Config) -> str:
     return t
 
 
+def _named_routes(s: SmtpConfig) -> list[tuple[str, Any]]:
+    """Every relay route with its key path: the routes, then the default route."""
+    named: list[tuple[str, Any]] = [(f"smtp.relay.routes[{i}]", r)
+                                    for i, r in enumerate(s.relay.routes)]
+    if s.relay.defaultRoute is not None:
+        named.append(("smtp.relay.defaultRoute", s.relay.defaultRoute))
+    return named
+
+
 def warnings(config: Config) -> list[str]:
     """Risky but legal settings, printed at start-up and by ``check-config``."""
     w: list[str] = []
@@ -1000,9 +1011,7 @@ def warnings(config: Config) -> list[str]:
                  "gives a sender in those domains may relay (senders are not verified)")
     if s.relay.outboundTls.trustAll:
         w.append("smtp.relay.outboundTls.trustAll=true: outbound TLS certificates are not verified")
-    named = [(f"smtp.relay.routes[{i}]", r) for i, r in enumerate(s.relay.routes)]
-    if s.relay.defaultRoute is not None:
-        named.append(("smtp.relay.defaultRoute", s.relay.defaultRoute))
+    named = _named_routes(s)
     for key, route in named:
         if route.trustAll:
             w.append(f"{key}.trustAll=true: certificates of {route.host or 'that route'} are "

@@ -40,11 +40,7 @@ def check_redis_reachable(config: cfg.Config) -> None:
              or config.smtp.auth.rateLimitBackend == "redis")
     if not needs:
         return
-    try:
-        target = parse_target(redis)
-    except ValueError as exc:  # (validate refuses these too; this guards a config built
-        sys.stderr.write(f"kotlin-smtp: cannot start: {exc}\n")  # around it)
-        raise SystemExit(1) from None
+    target = parse_target(redis)  # (validated: load_or_exit refused a bad one already)
     hosts = list(target.sentinels) or [(target.host, target.port)]
     timeout = max(redis.connectTimeoutMs, 1) / 1000.0
     errors = []

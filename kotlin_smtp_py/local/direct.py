@@ -89,6 +89,21 @@ class DirectLocalDelivery:
                         recipient=rcpt.address)
             return False
 
+    def _direct_mailboxes(self, rcpt: Recipient) -> list[str] | None:
+        """The mailboxes ``rcpt`` stands for when it can go direct; None (or none) leaves it
+        to the scheduler: lists with remote or unreachable members (the scheduler logs those
+        and bounces a list that reaches no one), unknown users, an unreadable list (only this
+        recipient is queued, not the rest)."""
+        try:
+            mailboxes, remote, problems = self.local.expand_checked(rcpt.address)
+        except Exception:
+            log.failure("expanding {recipient} for direct delivery failed; queueing it",
+                        recipient=rcpt.address)
+            return None
+        if remote or _unreachable(problems):
+            return None
+        return mailboxes
+
     def target(self, sender: str, recipients: Sequence[Recipient]) -> MaildirTarget | None:
         """Reactor thread, before the first byte of a message that outgrew memory: its
         Maildir when it has a single recipient that goes direct to a single mailbox. The
@@ -98,13 +113,8 @@ class DirectLocalDelivery:
         rcpt = recipients[0]
         if not self._may_go_direct(rcpt):
             return None
-        try:
-            mailboxes, remote, problems = self.local.expand_checked(rcpt.address)
-        except Exception:  # an unreadable list: not direct; the scheduler deals with it
-            log.failure("expanding {recipient} for direct delivery failed; queueing it",
-                        recipient=rcpt.address)
-            return None
-        if remote or _unreachable(problems) or len(mailboxes) != 1:
+        mailboxes = self._direct_mailboxes(rcpt)
+        if mailboxes is None or len(mailboxes) != 1:
             return None
         return MaildirTarget(rcpt, mailboxes[0], self.local.directory.maildir(mailboxes[0]),
                              maildir_prefix(sender, rcpt.address))
@@ -121,17 +131,9 @@ class DirectLocalDelivery:
         done: list[Recipient] = []
         written: set[str] = set()  # one copy per mailbox (alice, ALICE, alice+tag, lists)
         for rcpt in candidates:
-            try:
-                mailboxes, remote, problems = self.local.expand_checked(rcpt.address)
-            except Exception:  # an unreadable list: this recipient is queued, not the rest
-                log.failure("expanding {recipient} for direct delivery failed; queueing it",
-                            recipient=rcpt.address)
-                continue
-            if remote or _unreachable(problems) or not mailboxes:
-                # Lists with remote or unreachable members, unknown users: the scheduler's
-                # job (it logs the members that reach nobody, and bounces a list that
-                # reaches no one).
-                continue
+            mailboxes = self._direct_mailboxes(rcpt)
+            if not mailboxes:
+                continue  # the scheduler's job
             try:
                 # No earlier copy can exist: this queue id was never queued or leased.
                 self.local.write_copies(queue_id, envelope, rcpt.address,

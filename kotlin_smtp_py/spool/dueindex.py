@@ -19,11 +19,9 @@ import heapq
 import zlib
 from collections.abc import Container, Iterator, Mapping
 
+from kotlin_smtp_py.spool.scheduler import CLOCK_STEP_HORIZON
+
 _Heap = list[tuple[float, str]]
-# No retry is scheduled further ahead than 600 s + 20 % jitter: a due time beyond this (plus
-# slack) means the wall clock was stepped back since it was written (the spool stores wall
-# clock times: envelope mtimes), and the entry would otherwise wait for the whole step.
-HORIZON = 600.0 * 1.2 + 60.0
 
 
 class DueIndex:
@@ -57,7 +55,8 @@ class DueIndex:
         heapq.heapify(self._theirs)
 
     def _clamp(self, now: float) -> None:
-        late = [qid for qid, t in self._due.items() if t > now + HORIZON]
+        # (the spool stores wall-clock times, envelope mtimes; see CLOCK_STEP_HORIZON)
+        late = [qid for qid, t in self._due.items() if t > now + CLOCK_STEP_HORIZON]
         if late:
             for qid in late:
                 self._due[qid] = now

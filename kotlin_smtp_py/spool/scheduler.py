@@ -65,7 +65,7 @@ def _checked(got: Any) -> list[Result]:
 
 def _owed(rcpt: Recipient, status: DeliveryStatus) -> OwedNotice:
     return OwedNotice(rcpt.address, status.code, status.enhanced, status.text,
-                      status.reason.value if status.reason else "other", status.remote_mta,
+                      status.reason.value, status.remote_mta,
                       status.diagnostic)
 
 
